@@ -67,7 +67,7 @@ class ManifestError(ValueError):
         self.path = path
         self.expected = expected
         self.actual = actual
-        shown = repr(actual)
+        shown = actual if isinstance(actual, str) and actual else repr(actual)
         if len(shown) > 120:
             shown = shown[:117] + "..."
         super().__init__(f"manifest field {path!r}: expected {expected}, got {shown}")

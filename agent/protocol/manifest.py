@@ -188,13 +188,13 @@ class Tensor:
 
     @classmethod
     def from_dict(cls, data: object, path: str) -> Tensor:
-        d = _obj(data, path)
-        dtype = _choice(_take(dict(d), "dtype", path, str), DTYPES, f"{path}.dtype")
-        shape = tuple(_take(dict(d), "shape", path, list))
+        d = dict(_obj(data, path))
+        dtype = _choice(_take(d, "dtype", path, str), DTYPES, f"{path}.dtype")
+        shape = tuple(_take(d, "shape", path, list))
         for i, dim in enumerate(shape):
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
                 raise ManifestError(f"{path}.shape[{i}]", "a size >= 0", dim)
-        b64 = _take(dict(d), "b64", path, str)
+        b64 = _take(d, "b64", path, str)
         try:
             raw = base64.b64decode(b64, validate=True)
         except ValueError as exc:
@@ -265,8 +265,9 @@ class Golden:
             raise ManifestError(f"{path}.inputs", "at least one tensor", "{}")
         atol = _finite(_take(d, "atol", path, (int, float)), f"{path}.atol")
         rtol = _finite(_take(d, "rtol", path, (int, float)), f"{path}.rtol")
-        if atol < 0 or rtol < 0:
-            raise ManifestError(f"{path}.atol/rtol", "tolerances >= 0", (atol, rtol))
+        for key, value in (("atol", atol), ("rtol", rtol)):
+            if value < 0:
+                raise ManifestError(f"{path}.{key}", "a tolerance >= 0", value)
         agree = _take_opt(d, "min_agreement", path, (int, float), None)
         if agree is not None and not 0.0 <= agree <= 1.0:
             raise ManifestError(f"{path}.min_agreement", "a fraction in [0, 1]", agree)
@@ -434,9 +435,13 @@ class Manifest:
         return out
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON (sorted keys, UTF-8): the same manifest always gives the same bytes."""
-        return (json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False)
-                + "\n").encode("utf-8")
+        """Canonical JSON (sorted keys, compact, UTF-8): the same manifest, the same bytes.
+
+        Compact because golden tensors and drift baselines dominate the size; ``model_tools
+        inspect`` is the human view.
+        """
+        return (json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False) + "\n").encode("utf-8")
 
     # -- checks ---------------------------------------------------------------------------
     def verify_model_bytes(self, length: int, sha256: str) -> None:

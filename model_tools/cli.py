@@ -26,8 +26,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 EXIT_CODES = """\b
-Exit codes: 0 ok; 1 error (bad model, data, profile, output directory, failed step);
-2 usage error; 3 refused (no artifact meets the profile; report.json written)."""
+Exit codes: 0 ok; 1 error (bad model, data, profile, output directory, failed step,
+bundle not matching its manifest); 2 usage error; 3 refused (no artifact meets the
+profile; report.json written)."""
 
 
 def _version() -> str:
@@ -47,7 +48,8 @@ def json_option(fn: F) -> F:
 
 def profile_dir_option(fn: F) -> F:
     """Shared option: where profiles live."""
-    return click.option("--profiles-dir", type=click.Path(file_okay=False, path_type=Path),
+    return click.option("--profiles-dir",
+                        type=click.Path(exists=True, file_okay=False, path_type=Path),
                         envvar="EDGEFLEET_PROFILES", default=None,
                         help="Directory of device profile TOML files "
                              "(default: the shipped device_profiles/).")(fn)

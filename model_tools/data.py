@@ -59,6 +59,9 @@ def load_npz(path: Path, specs: tuple[TensorSpec, ...], source: str) -> Dataset:
     label = f"{source} data {path.name}"
     if not path.is_file():
         raise DataError(f"{label}: file does not exist")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{label}: not an .npz file: expected a zip archive written by "
+                        f"numpy.savez (one array per model input), got {_sniff(path)}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -106,6 +109,18 @@ def load_npz(path: Path, specs: tuple[TensorSpec, ...], source: str) -> Dataset:
                             f"{n} (one per sample)")
         labels = labels.astype(np.int64)
     return Dataset(inputs=inputs, labels=labels, source=source, sha256=_file_sha256(path))
+
+
+def _sniff(path: Path) -> str:
+    """What a non-npz file looks like, for the error message."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        return f"an unreadable file ({exc.strerror})"
+    if head == b"\x93NUMPY":
+        return "a single-array .npy file (save it with numpy.savez(path, INPUT_NAME=array))"
+    return "an empty file" if not head else "a file that is not a zip archive (truncated?)"
 
 
 def _batch_ok(spec: TensorSpec, shape: tuple[int, ...]) -> bool:

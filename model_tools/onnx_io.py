@@ -52,6 +52,19 @@ def _uses_external_data(model: ModelProto) -> bool:
     )
 
 
+def _check_external_files(model: ModelProto, path: Path) -> None:
+    """Name the first external data file that is not beside the model (onnx's error does not)."""
+    for init in model.graph.initializer:
+        if init.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        if not (path.parent / location).is_file():
+            raise ModelLoadError(
+                f"{path.name}: tensor {init.name!r} is stored in the external data file "
+                f"{location!r}, expected at {str(path.parent / location)!r}, which does not "
+                "exist; keep the weights file beside the model or save the model as one file")
+
+
 def load_model(path: Path) -> LoadedModel:
     """Read, check and shape-infer an ONNX model; inline its external data.
 
@@ -73,9 +86,10 @@ def load_model(path: Path) -> LoadedModel:
                              "another format?)")
     external = _uses_external_data(raw)
     if external:
+        _check_external_files(raw, path)
         try:
             onnx.load_external_data_for_model(raw, str(path.parent))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelLoadError(
                 f"{path.name}: its weights live in external data files that could not be read "
                 f"next to it ({exc}); keep them beside the model or save it as one file"
@@ -91,8 +105,10 @@ def load_model(path: Path) -> LoadedModel:
         onnx.checker.check_model(raw, full_check=False)
         inferred = onnx.shape_inference.infer_shapes(raw, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path.name}: invalid ONNX graph: {first}") from exc
+        text = " ".join(str(exc).split()) or type(exc).__name__  # onnx spreads it over lines
+        if len(text) > 400:
+            text = text[:397] + "..."
+        raise ModelLoadError(f"{path.name}: invalid ONNX graph: {text}") from exc
     inputs, outputs = tensor_specs(inferred, path.name)
     opset = max((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")),
                 default=0)

@@ -84,17 +84,35 @@ def write_bundle(out: Path, model_file: Path, manifest: Manifest, *, force: bool
     _publish_dir(out, fill, force)
 
 
-def write_report_only(out: Path, report: dict[str, Any], *, force: bool) -> None:
-    """Publish a directory holding only ``report.json`` (a refused conversion).
+def write_report_only(out: Path, report: dict[str, Any], *, force: bool) -> Path:
+    """Write the report of a refused conversion; return where it went.
+
+    Into ``out/report.json`` (a directory holding nothing else) when ``out`` is absent or empty
+    or holds no bundle. When ``out`` already holds a bundle (``--force``), that bundle is kept,
+    since a refused artifact must not cost the user a good one, and the report goes beside it
+    as ``<out>.rejected.json``.
 
     Raises:
         OutputDirError: ``out`` may not be replaced.
     """
+    text = json.dumps(report, indent=1, sort_keys=True) + "\n"
+    if (out / MANIFEST_FILE).is_file():
+        target = out.parent / f"{out.name}.rejected.json"
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
 
     def fill(tmp: Path) -> None:
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        (tmp / REPORT_FILE).write_text(text)
 
     _publish_dir(out, fill, force)
+    return out / REPORT_FILE
 
 
 @dataclass(frozen=True)

@@ -190,12 +190,12 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
                          auto, now, source_accuracy)
         if decision.chosen is None:
             report["status"] = "rejected"
-            write_report_only(req.out, report, force=req.force)
+            where = write_report_only(req.out, report, force=req.force)
             reasons = "; ".join(f"{j.measured.precision}: {', '.join(j.reasons)}"
                                 for j in decision.judged)
             raise ValidationRejected(
                 f"no artifact meets profile {profile.name!r}: {reasons}. "
-                f"Report written to {req.out / 'report.json'}", report)
+                f"Report written to {where}", report)
 
         chosen = decision.chosen.measured
         art_path = variants[chosen.precision]

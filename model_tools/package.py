@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -175,8 +176,14 @@ def _read_tar(path: Path) -> tuple[Manifest, int, str]:
     import hashlib
 
     with tarfile.open(path) as tar:
-        members = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isfile()}
-        top = {name.split("/", 1)[-1] if "/" in name else name: m for name, m in members.items()}
+        # a bundle tar holds the files at its top level, or inside one top-level directory
+        top: dict[str, tarfile.TarInfo] = {}
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            parts = [p for p in posixpath.normpath(member.name).split("/") if p not in ("", ".")]
+            if len(parts) == 2 or len(parts) == 1:
+                top.setdefault(parts[-1], member)
         if MANIFEST_FILE not in top:
             raise BundleError(f"{path} is not a bundle: no {MANIFEST_FILE} in the tar")
         fh = tar.extractfile(top[MANIFEST_FILE])

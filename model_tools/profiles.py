@@ -31,12 +31,18 @@ def all_profiles(directory: Path | None = None) -> dict[str, DeviceProfile]:
     """Every profile in ``directory`` (default: :func:`default_profile_dir`).
 
     Raises:
-        InputError: a profile file is malformed (the message names file and field).
+        InputError: a profile file is malformed (the message names file and field), or the
+            directory holds no profiles.
     """
+    where = directory or default_profile_dir()
     try:
-        return load_profiles(directory or default_profile_dir())
+        found = load_profiles(where)
     except ProfileError as exc:
         raise InputError(str(exc)) from exc
+    if not found:
+        raise InputError(f"no device profiles in {str(where)!r}: expected one or more *.toml "
+                         "files (see device_profiles/ for the format)")
+    return found
 
 
 def get_profile(name: str, directory: Path | None = None) -> DeviceProfile:

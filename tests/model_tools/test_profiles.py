@@ -102,3 +102,10 @@ def test_broken_toml_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "broken.toml").write_text("name = \n")
     with pytest.raises(ProfileError, match="broken.toml"):
         load_profiles(tmp_path)
+
+
+def test_empty_profiles_directory_is_an_error_not_an_empty_list(tmp_path: Path) -> None:
+    from model_tools.errors import InputError
+
+    with pytest.raises(InputError, match="no device profiles"):
+        all_profiles(tmp_path)

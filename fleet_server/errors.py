@@ -3,6 +3,17 @@
 ::
 
     FleetError                        root of every error fleet_server raises on purpose
+    ├── RequestError                  the caller asked for something wrong (HTTP 4xx)
+    │   ├── Unauthenticated           no token, or an unknown/revoked one (401)
+    │   ├── Forbidden                 the token's scope does not allow it (403)
+    │   ├── NotFound                  unknown device, model, version, deployment (404)
+    │   ├── Conflict                  duplicate model version, device id taken, data dir
+    │   │                             exists, deploy to devices with no artifact (409)
+    │   ├── InvalidInput              a field is wrong: names it, expected vs actual (422)
+    │   └── PayloadTooLarge           upload over the configured limit (413)
+    ├── BundleRejected                a pushed bundle is malformed or inconsistent (422)
+    ├── StoreError                    the database or data directory failed (500)
+    ├── BrokerError                   the MQTT broker cannot be reached or refused us
     └── TrustError                    the TUF repository (fleet_server.tuf_repo)
         ├── TargetError               the caller's artifact is not acceptable (fix it, re-push)
         │   ├── TargetNameError       name is not a safe relative URL path (``..``, ``/x``, ``a\\b``)
@@ -15,6 +26,8 @@
         └── KeyStoreError             a private key file is missing, unreadable, does not
                                       match its public key, or is readable by others
 
+Every class carries ``status_code``; the API maps errors to HTTP in exactly one place
+(``fleet_server.api.app``), never with HTTPException in domain code.
 Other subsystems add their branches under ``FleetError``. Third-party exceptions
 (python-tuf, securesystemslib, cryptography) are translated inside the adapter that calls
 them, with ``raise ... from exc``, and never cross the package boundary. Plain
@@ -26,7 +39,17 @@ role name), not a fault of the repository or its inputs. ``OSError`` from the di
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
+    "BundleRejected",
+    "Conflict",
     "FleetError",
+    "Forbidden",
+    "InvalidInput",
+    "NotFound",
+    "PayloadTooLarge",
+    "RequestError",
+    "StoreError",
+    "Unauthenticated",
     "KeyStoreError",
     "RepositoryCorruptError",
     "RepositoryExistsError",
@@ -42,6 +65,66 @@ __all__ = [
 
 class FleetError(Exception):
     """Root of every error fleet_server raises on purpose."""
+
+    status_code = 500
+
+
+class RequestError(FleetError):
+    """The caller asked for something wrong."""
+
+    status_code = 400
+
+
+class Unauthenticated(RequestError):
+    """No token, or a token that is unknown or revoked."""
+
+    status_code = 401
+
+
+class Forbidden(RequestError):
+    """The token's scope does not allow this."""
+
+    status_code = 403
+
+
+class NotFound(RequestError):
+    """No such device, model, version or deployment."""
+
+    status_code = 404
+
+
+class Conflict(RequestError):
+    """The request conflicts with what is stored."""
+
+    status_code = 409
+
+
+class InvalidInput(RequestError):
+    """A field is wrong; the message names it, expected against actual."""
+
+    status_code = 422
+
+
+class PayloadTooLarge(RequestError):
+    """An upload is over the configured limit."""
+
+    status_code = 413
+
+
+class BundleRejected(FleetError):
+    """A pushed bundle is malformed, inconsistent or not for a known profile."""
+
+    status_code = 422
+
+
+class StoreError(FleetError):
+    """The database or the data directory failed."""
+
+
+class BrokerError(FleetError):
+    """The MQTT broker cannot be reached or refused the server."""
+
+    status_code = 503
 
 
 class TrustError(FleetError):

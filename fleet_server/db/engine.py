@@ -1,0 +1,90 @@
+"""Engine factory and migrations. SQLite gets WAL, a busy timeout and foreign keys; PostgreSQL
+needs nothing special. Migrations are named and ordered, each applied together with its
+bookkeeping row in one transaction (sqlite-utils ``Migrations`` idea)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from fleet_server.db import tables
+from fleet_server.errors import StoreError
+
+__all__ = ["make_engine", "migrate", "atomic", "MIGRATIONS"]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``).
+
+    Raises:
+        StoreError: the URL is not usable.
+    """
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise StoreError(f"cannot use database {url!r}: {exc}") from exc
+    return engine
+
+
+def _v1_initial(conn: Connection) -> None:
+    tables.METADATA.create_all(conn)
+
+
+#: (name, function) in order; never edit or reorder one that shipped, only append
+MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
+    ("0001_initial", _v1_initial),
+]
+
+
+def migrate(engine: Engine, now: Callable[[], float] = time.time) -> list[str]:
+    """Apply pending migrations; return the names applied.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    applied: list[str] = []
+    try:
+        with engine.begin() as conn:
+            tables.schema_migrations.create(conn, checkfirst=True)
+        for name, fn in MIGRATIONS:
+            with engine.begin() as conn:
+                done = conn.execute(select(tables.schema_migrations.c.name).where(
+                    tables.schema_migrations.c.name == name)).first()
+                if done:
+                    continue
+                fn(conn)
+                conn.execute(insert(tables.schema_migrations).values(
+                    name=name, applied_at=int(now())))
+                applied.append(name)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database migration failed: {exc}") from exc
+    return applied
+
+
+@contextmanager
+def atomic(engine: Engine) -> Iterator[Connection]:
+    """One transaction; database errors become :class:`StoreError`.
+
+    Raises:
+        StoreError: the database failed (the transaction was rolled back).
+    """
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database error: {exc}") from exc

@@ -1,0 +1,148 @@
+"""Index of every persisted table (cf. mender's dbkeys.go): name, purpose, since which version.
+
+| table             | since | what                                                               |
+|-------------------|-------|--------------------------------------------------------------------|
+| schema_migrations | 1     | one row per applied named migration                               |
+| tokens            | 1     | API tokens: sha256 of the secret only, scope, revocation          |
+| devices           | 1     | registry: profile, tags, MQTT credential hash, last report/status |
+| artifacts         | 1     | one converted model per (name, version, profile), TUF target names |
+| deployments       | 1     | model version -> selector; newest active deployment per model wins |
+| desired_states    | 1     | last signed desired state per device: sequence, expiry, envelope  |
+| device_records    | 1     | telemetry/drift records, unique on (device, stream, seq): dedupe  |
+| stream_acks       | 1     | per (device, stream): highest contiguous seq stored (what we ack)  |
+| ingest_rejects    | 1     | malformed/oversized/forged device messages: counted, never stored |
+| audit             | 1     | append-only, hash-chained log of every mutation                    |
+
+JSON columns are TEXT holding canonical JSON, so SQLite and PostgreSQL behave alike. Times are
+integer unix seconds (UTC), taken once per operation from the injected clock.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+__all__ = ["METADATA", "schema_migrations", "tokens", "devices", "artifacts", "deployments",
+           "desired_states", "device_records", "stream_acks", "ingest_rejects", "audit"]
+
+METADATA = MetaData()
+
+schema_migrations = Table(
+    "schema_migrations", METADATA,
+    Column("name", String(100), primary_key=True),
+    Column("applied_at", BigInteger, nullable=False),
+)
+
+tokens = Table(
+    "tokens", METADATA,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("scope", String(20), nullable=False),  # admin | publisher | reader | device
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("device_id", String(63), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)
+
+devices = Table(
+    "devices", METADATA,
+    Column("id", String(63), primary_key=True),
+    Column("profile", String(100), nullable=False),
+    Column("tags", Text, nullable=False),  # JSON list of strings
+    Column("mqtt_password_hash", Text, nullable=False),  # mosquitto $7$ PBKDF2-SHA512
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+    Column("online", Boolean, nullable=False, default=False),
+    Column("last_seen_at", BigInteger, nullable=True),
+    Column("reported", Text, nullable=True),  # last Reported message, canonical JSON
+    Column("reported_at", BigInteger, nullable=True),
+)
+
+artifacts = Table(
+    "artifacts", METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False),
+    Column("version", String(100), nullable=False),
+    Column("profile", String(100), nullable=False),
+    Column("runtime", String(40), nullable=False),
+    Column("precision", String(40), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("length", BigInteger, nullable=False),
+    Column("target_path", Text, nullable=False),
+    Column("manifest_target", Text, nullable=False),
+    Column("manifest", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("created_by", String(32), nullable=False),
+    UniqueConstraint("name", "version", "profile", name="uq_artifact"),
+)
+
+deployments = Table(
+    "deployments", METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False),
+    Column("version", String(100), nullable=False),
+    Column("selector", Text, nullable=False),  # JSON {"devices": [], "tags": [], "profiles": []}
+    Column("status", String(20), nullable=False),  # active | superseded | cancelled
+    Column("created_at", BigInteger, nullable=False),
+    Column("created_by", String(32), nullable=False),
+)
+
+desired_states = Table(
+    "desired_states", METADATA,
+    Column("device_id", String(63), primary_key=True),
+    Column("sequence", BigInteger, nullable=False),
+    Column("models", Text, nullable=False),  # JSON list of DesiredModel dicts (what was signed)
+    Column("issued_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("envelope", Text, nullable=False),  # the signed bytes published, retained
+    Column("published", Boolean, nullable=False, default=False),
+)
+
+device_records = Table(
+    "device_records", METADATA,
+    Column("device_id", String(63), primary_key=True),
+    Column("stream", String(20), primary_key=True),  # telemetry | drift
+    Column("seq", BigInteger, primary_key=True),
+    Column("kind", String(60), nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+)
+
+stream_acks = Table(
+    "stream_acks", METADATA,
+    Column("device_id", String(63), primary_key=True),
+    Column("stream", String(20), primary_key=True),
+    Column("upto_seq", BigInteger, nullable=False),
+)
+
+ingest_rejects = Table(
+    "ingest_rejects", METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", BigInteger, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+)
+
+audit = Table(
+    "audit", METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", BigInteger, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(60), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("before", Text, nullable=True),
+    Column("after", Text, nullable=True),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)

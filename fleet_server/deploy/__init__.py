@@ -1,0 +1,1 @@
+"""Deployments: the pure planner (plan) and its I/O shell (service)."""

@@ -1,0 +1,141 @@
+"""What devices send: reported state, status, telemetry and drift, stored exactly once.
+
+:func:`handle_message` takes one MQTT message (topic + payload) and the time it arrived, and
+returns what happened plus the ack to publish, if any. It never raises on device input:
+malformed, oversized, forged (body claims another device) or unknown-device messages are
+dropped, counted in ``ingest_rejects`` and logged without their payload.
+
+Records are de-duplicated on (device, stream, seq), so a device re-sending after a reconnect
+never double-counts. The ack carries the highest *contiguous* sequence stored: the device
+deletes only what the server has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, insert, select, update
+
+from agent.protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    Ack,
+    DriftBatch,
+    MessageError,
+    Reported,
+    Status,
+    TelemetryBatch,
+    parse_device_message,
+)
+from agent.protocol.topics import TopicError, ack_topic
+from fleet_server.db import atomic, tables
+from fleet_server.fleet import Fleet
+
+__all__ = ["IngestResult", "handle_message", "REJECT_COUNTS"]
+
+log = logging.getLogger(__name__)
+#: process-wide reject counters by reason class (exported as metrics later)
+REJECT_COUNTS: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    device_id: str | None
+    kind: str
+    stored: int = 0
+    duplicates: int = 0
+    ack_topic: str | None = None
+    ack_payload: bytes | None = None
+    rejected: str | None = None
+
+
+def _reject(conn: Connection, topic: str, reason: str, size: int, now: int,
+            kind: str) -> IngestResult:
+    REJECT_COUNTS[kind] += 1
+    conn.execute(insert(tables.ingest_rejects).values(at=now, topic=topic[:300],
+                                                      reason=reason[:500], size=size))
+    log.warning("dropped device message on %r (%d bytes): %s", topic[:200], size, reason)
+    return IngestResult(None, "rejected", rejected=reason)
+
+
+def _live_device(conn: Connection, device_id: str) -> bool:
+    row = conn.execute(select(tables.devices.c.revoked_at).where(
+        tables.devices.c.id == device_id)).first()
+    return row is not None and row.revoked_at is None
+
+
+def _store_records(conn: Connection, msg: TelemetryBatch | DriftBatch, now: int
+                   ) -> tuple[int, int, int]:
+    stream = msg.STREAM
+    seqs = [r.seq for r in msg.records]
+    have = set(conn.execute(select(tables.device_records.c.seq).where(
+        tables.device_records.c.device_id == msg.device_id,
+        tables.device_records.c.stream == stream,
+        tables.device_records.c.seq.in_(seqs))).scalars())
+    new = [r for r in msg.records if r.seq not in have]
+    if new:
+        conn.execute(insert(tables.device_records), [
+            {"device_id": msg.device_id, "stream": stream, "seq": r.seq, "kind": r.kind,
+             "at": r.at, "body": json.dumps(dict(r.body), sort_keys=True,
+                                            separators=(",", ":")), "received_at": now}
+            for r in new])
+    upto = conn.execute(select(tables.stream_acks.c.upto_seq).where(
+        tables.stream_acks.c.device_id == msg.device_id,
+        tables.stream_acks.c.stream == stream)).scalar()
+    first = upto is None
+    upto = upto or 0
+    following = conn.execute(select(tables.device_records.c.seq).where(
+        tables.device_records.c.device_id == msg.device_id,
+        tables.device_records.c.stream == stream,
+        tables.device_records.c.seq > upto).order_by(tables.device_records.c.seq)).scalars()
+    for seq in following:
+        if seq != upto + 1:
+            break
+        upto = seq
+    if first:
+        conn.execute(insert(tables.stream_acks).values(device_id=msg.device_id, stream=stream,
+                                                       upto_seq=upto))
+    else:
+        conn.execute(update(tables.stream_acks).where(
+            tables.stream_acks.c.device_id == msg.device_id,
+            tables.stream_acks.c.stream == stream).values(upto_seq=upto))
+    return len(new), len(msg.records) - len(new), upto
+
+
+def handle_message(fleet: Fleet, topic: str, payload: bytes, *, now: int) -> IngestResult:
+    """Store one device message; return what happened and the ack to publish, if any.
+
+    Raises:
+        StoreError: the database failed (the caller retries; nothing was half-stored).
+    """
+    with atomic(fleet.engine) as conn:
+        if len(payload) > MAX_MESSAGE_BYTES:
+            return _reject(conn, topic, f"payload of {len(payload)} bytes, over "
+                           f"{MAX_MESSAGE_BYTES}", len(payload), now, "oversized")
+        try:
+            msg = parse_device_message(topic, payload)
+        except (TopicError, MessageError) as exc:
+            return _reject(conn, topic, str(exc), len(payload), now, "malformed")
+        if isinstance(msg, Ack):
+            return _reject(conn, topic, "acks flow server -> device only", len(payload), now,
+                           "forged")
+        if not _live_device(conn, msg.device_id):
+            return _reject(conn, topic, f"unknown or revoked device {msg.device_id!r}",
+                           len(payload), now, "unknown_device")
+        dev = tables.devices.c
+        if isinstance(msg, Reported):
+            conn.execute(update(tables.devices).where(dev.id == msg.device_id).values(
+                reported=msg.to_bytes().decode("utf-8"), reported_at=now, last_seen_at=now))
+            return IngestResult(msg.device_id, "reported", stored=1)
+        if isinstance(msg, Status):
+            conn.execute(update(tables.devices).where(dev.id == msg.device_id).values(
+                online=msg.online, last_seen_at=now))
+            return IngestResult(msg.device_id, "status", stored=1)
+        stored, dups, upto = _store_records(conn, msg, now)
+        conn.execute(update(tables.devices).where(dev.id == msg.device_id).values(
+            last_seen_at=now))
+        ack = Ack(device_id=msg.device_id, stream=msg.STREAM, upto_seq=upto)
+        return IngestResult(msg.device_id, msg.STREAM, stored=stored, duplicates=dups,
+                            ack_topic=ack_topic(msg.device_id), ack_payload=ack.to_bytes())

@@ -1,0 +1,123 @@
+"""Ingest: device messages stored exactly once, acked contiguously, hostile input dropped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from agent.protocol.messages import Ack, Record, Reported, RunningModel, Status, TelemetryBatch
+from agent.protocol.topics import device_topic
+from fleet_server import auth
+from fleet_server.db import atomic, tables
+from fleet_server.fleet import Fleet, init_data_dir, open_fleet
+from fleet_server.ingest import handle_message
+from fleet_server.registry import devices
+from fleet_server.settings import Settings
+
+NOW = 1_800_000_000
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    settings = Settings(data_dir=tmp_path / "data")
+    init_data_dir(settings, clock=lambda: NOW)
+    f = open_fleet(settings, clock=lambda: NOW)
+    with atomic(f.engine) as conn:
+        admin = auth.Principal("t", "test", "admin")
+        for dev in ("dev-a", "dev-b"):
+            devices.provision(f, conn, device_id=dev, profile="rpi4", tags=[], actor=admin)
+    return f
+
+
+def batch(device: str, seqs: list[int]) -> bytes:
+    return TelemetryBatch(device_id=device, records=tuple(
+        Record(seq=s, kind="metrics", at=NOW, body={"n": s}) for s in seqs)).to_bytes()
+
+
+def stored(fleet: Fleet, device: str) -> list[int]:
+    with atomic(fleet.engine) as conn:
+        return list(conn.execute(select(tables.device_records.c.seq).where(
+            tables.device_records.c.device_id == device).order_by(
+            tables.device_records.c.seq)).scalars())
+
+
+def ack_upto(result) -> int:
+    return Ack.from_bytes(result.ack_payload).upto_seq
+
+
+def test_records_are_stored_once_and_acked_contiguously(fleet: Fleet) -> None:
+    topic = device_topic("dev-a", "telemetry")
+    r1 = handle_message(fleet, topic, batch("dev-a", [1, 2, 3]), now=NOW)
+    assert (r1.stored, r1.duplicates, ack_upto(r1)) == (3, 0, 3)
+    assert r1.ack_topic == device_topic("dev-a", "ack")
+    # a gap: 5 and 6 arrive before 4 -> ack stays at 3
+    r2 = handle_message(fleet, topic, batch("dev-a", [5, 6]), now=NOW)
+    assert ack_upto(r2) == 3
+    # redelivery after a reconnect: duplicates are not stored again
+    r3 = handle_message(fleet, topic, batch("dev-a", [2, 3, 4]), now=NOW)
+    assert (r3.stored, r3.duplicates, ack_upto(r3)) == (1, 2, 6)
+    assert stored(fleet, "dev-a") == [1, 2, 3, 4, 5, 6]
+
+
+def test_reported_and_status_update_the_device(fleet: Fleet) -> None:
+    rep = Reported(device_id="dev-a", applied_sequence=3, running=(
+        RunningModel(name="digits", version="1.0.0", sha256="a" * 64),), state="Committed",
+        last_result="ok", last_error=None, agent_version="0.1.0", reported_at=NOW)
+    assert handle_message(fleet, device_topic("dev-a", "reported"), rep.to_bytes(),
+                          now=NOW + 5).stored == 1
+    handle_message(fleet, device_topic("dev-a", "status"),
+                   Status(device_id="dev-a", online=True, at=NOW).to_bytes(), now=NOW + 6)
+    with atomic(fleet.engine) as conn:
+        got = devices.get_device(conn, "dev-a")
+    assert got["online"] is True and got["last_seen_at"] == NOW + 6
+    assert got["reported"]["applied_sequence"] == 3 and got["reported_at"] == NOW + 5
+
+
+HOSTILE = [
+    ("not-json", device_topic("dev-a", "telemetry"), b"{nope", "JSON"),
+    ("body-claims-other-device", device_topic("dev-a", "telemetry"), None, "dev-b"),
+    ("oversized", device_topic("dev-a", "telemetry"), b"x" * (300 * 1024), "over"),
+    ("unknown-device", device_topic("dev-zzz", "telemetry"), None, "unknown or revoked"),
+    ("not-our-topic", "other/app/telemetry", b"{}", "topic"),
+    ("device-sends-ack", device_topic("dev-a", "ack"),
+     Ack(device_id="dev-a", stream="telemetry", upto_seq=99).to_bytes(), "server -> device"),
+    ("desired-is-not-a-plain-message", device_topic("dev-a", "desired"), b"{}", "desired"),
+]
+
+
+@pytest.mark.parametrize(("topic", "payload", "why"), [h[1:] for h in HOSTILE],
+                         ids=[h[0] for h in HOSTILE])
+def test_hostile_messages_are_dropped_counted_and_never_stored(fleet: Fleet, topic: str,
+                                                               payload: bytes | None,
+                                                               why: str) -> None:
+    if payload is None:  # a well-formed batch for dev-b (forged) or an unknown device
+        owner = "dev-b" if why == "dev-b" else "dev-zzz"
+        payload = batch(owner, [1])
+    result = handle_message(fleet, topic, payload, now=NOW)
+    assert result.rejected is not None and why in result.rejected
+    assert result.ack_payload is None
+    with atomic(fleet.engine) as conn:
+        assert conn.execute(select(func.count()).select_from(tables.device_records)).scalar() == 0
+        rejects = conn.execute(select(tables.ingest_rejects)).all()
+    assert len(rejects) == 1 and rejects[0].size == len(payload)
+
+
+def test_revoked_device_is_refused(fleet: Fleet) -> None:
+    with atomic(fleet.engine) as conn:
+        devices.revoke(fleet, conn, "dev-a", actor=auth.Principal("t", "test", "admin"))
+    result = handle_message(fleet, device_topic("dev-a", "telemetry"), batch("dev-a", [1]),
+                            now=NOW)
+    assert result.rejected and "revoked" in result.rejected
+    assert stored(fleet, "dev-a") == []
+
+
+def test_reject_reason_never_contains_the_payload(fleet: Fleet) -> None:
+    secret = b'{"password": "hunter2-' + b"x" * 10 + b'"'
+    result = handle_message(fleet, device_topic("dev-a", "telemetry"), secret, now=NOW)
+    assert result.rejected is not None
+    with atomic(fleet.engine) as conn:
+        reasons = [r.reason for r in conn.execute(select(tables.ingest_rejects))]
+    assert all("hunter2" not in r for r in reasons), json.dumps(reasons)

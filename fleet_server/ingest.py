@@ -7,7 +7,9 @@ dropped, counted in ``ingest_rejects`` and logged without their payload.
 
 Records are de-duplicated on (device, stream, seq), so a device re-sending after a reconnect
 never double-counts. The ack carries the highest *contiguous* sequence stored: the device
-deletes only what the server has.
+deletes only what the server has. A batch's optional ``floor`` field (the lowest sequence the
+device still holds) lets the ack pass gaps left by records the device evicted when its outbox
+was full; the eviction itself arrives as an ``outbox.evicted`` event, so the loss is reported.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def _store_records(conn: Connection, msg: TelemetryBatch | DriftBatch, now: int
         tables.stream_acks.c.stream == stream)).scalar()
     first = upto is None
     upto = upto or 0
+    # ``floor``: the lowest seq the device still holds for this stream. Everything below it
+    # was acked or evicted on the device (outbox full) and will never arrive: skip that gap.
+    # Trusted only up to the batch's first record, so a device cannot ack what it never sent.
+    floor = msg.unrecognized.get("floor")
+    if isinstance(floor, int) and not isinstance(floor, bool) and 1 <= floor <= seqs[0]:
+        upto = max(upto, floor - 1)
     following = conn.execute(select(tables.device_records.c.seq).where(
         tables.device_records.c.device_id == msg.device_id,
         tables.device_records.c.stream == stream,

@@ -62,6 +62,19 @@ def test_records_are_stored_once_and_acked_contiguously(fleet: Fleet) -> None:
     assert stored(fleet, "dev-a") == [1, 2, 3, 4, 5, 6]
 
 
+def test_floor_skips_gaps_the_device_evicted_but_never_past_what_it_sent(fleet: Fleet) -> None:
+    topic = device_topic("dev-a", "telemetry")
+    handle_message(fleet, topic, batch("dev-a", [1, 2]), now=NOW)
+    # 3..9 were evicted on the device; it now holds 10.. and says so with floor=10
+    evicted = TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=10, kind="metrics", at=NOW, body={}),), unrecognized={"floor": 10})
+    assert ack_upto(handle_message(fleet, topic, evicted.to_bytes(), now=NOW)) == 10
+    # a floor above the batch's first record is not believed
+    lying = TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=12, kind="metrics", at=NOW, body={}),), unrecognized={"floor": 50})
+    assert ack_upto(handle_message(fleet, topic, lying.to_bytes(), now=NOW)) == 10
+
+
 def test_reported_and_status_update_the_device(fleet: Fleet) -> None:
     rep = Reported(device_id="dev-a", applied_sequence=3, running=(
         RunningModel(name="digits", version="1.0.0", sha256="a" * 64),), state="Committed",

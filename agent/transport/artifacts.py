@@ -1,0 +1,131 @@
+"""Model downloads through TUF (adapter around ``tuf.ngclient``).
+
+The root is pinned at provisioning: on first use ``<data_dir>/tuf/root.json`` is seeded from the
+provisioning file, and from then on python-tuf updates it through the signed chain of roots.
+That gives rollback, freeze, mix-and-match, endless-data and arbitrary-file protection from a
+library the field already trusts. Targets download to ``<data_dir>/downloads`` (ngclient writes
+to a temporary file and renames only a verified one, so a partial file is never installed; an
+interrupted download simply restarts). The device token is sent on every request.
+
+python-tuf exceptions are translated here: signature, hash, length and expiry problems become
+:class:`ArtifactError` (fatal, reported); network problems become :class:`TransportError`
+(transient, retried).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import urllib3
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from agent.errors import ArtifactError, TransportError
+from agent.protocol.provisioning import Provisioning
+
+__all__ = ["AuthFetcher", "ArtifactFetcher"]
+
+
+class AuthFetcher(FetcherInterface):
+    """urllib3 fetcher that sends the device's bearer token; no proxies from the environment."""
+
+    def __init__(self, token: str, *, timeout_s: float = 30.0, chunk: int = 256 << 10,
+                 ca_file: str | None = None) -> None:
+        self._chunk = chunk
+        self._timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
+        kwargs = {"ca_certs": ca_file} if ca_file else {}
+        self._pool = urllib3.PoolManager(
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "edgefleet-agent"},
+            retries=False, **kwargs)
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        try:
+            response = self._pool.request("GET", url, preload_content=False,
+                                          timeout=self._timeout)
+        except urllib3.exceptions.TimeoutError as exc:
+            raise tuf_exc.SlowRetrievalError from exc
+        if response.status >= 400:
+            response.close()
+            raise tuf_exc.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
+        return self._chunks(response)
+
+    def _chunks(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        try:
+            yield from response.stream(self._chunk)
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise tuf_exc.SlowRetrievalError from exc
+        finally:
+            response.release_conn()
+
+
+class ArtifactFetcher:
+    """Refresh TUF metadata and download verified targets."""
+
+    def __init__(self, prov: Provisioning, data_dir: Path, *, max_bytes: int,
+                 fetcher: FetcherInterface | None = None) -> None:
+        self._prov = prov
+        self._meta_dir = data_dir / "tuf"
+        self._dl_dir = data_dir / "downloads"
+        self._max_bytes = max_bytes
+        self._fetcher = fetcher or AuthFetcher(prov.http_token)
+
+    def _seed(self) -> None:
+        self._meta_dir.mkdir(parents=True, exist_ok=True)
+        self._dl_dir.mkdir(parents=True, exist_ok=True)
+        root = self._meta_dir / "root.json"
+        if not root.exists():
+            tmp = root.with_suffix(".tmp")
+            tmp.write_bytes(self._prov.tuf_root)
+            os.replace(tmp, root)
+
+    def fetch(self, target_path: str, *, expect_sha256: str | None = None,
+              expect_length: int | None = None) -> Path:
+        """Refresh metadata, then download and verify ``target_path``; return the local file.
+
+        ``expect_*`` come from the signed desired state: the TUF target must be the very file
+        the director named, not just any file TUF would accept under that name.
+
+        Raises:
+            ArtifactError: metadata or target failed verification, unknown target, or it is
+                not the file the desired state named (fatal).
+            TransportError: the server could not be reached or the download broke (retry).
+        """
+        self._seed()
+        config = UpdaterConfig(targets_max_length=self._max_bytes,
+                               prefix_targets_with_hash=True)
+        try:
+            updater = Updater(metadata_dir=str(self._meta_dir),
+                              metadata_base_url=self._prov.tuf_metadata_url,
+                              target_dir=str(self._dl_dir),
+                              target_base_url=self._prov.tuf_targets_url,
+                              fetcher=self._fetcher, config=config, bootstrap=None)
+            updater.refresh()
+            info = updater.get_targetinfo(target_path)
+            if info is None:
+                raise ArtifactError(f"TUF target {target_path!r} is not in the signed targets")
+            if expect_length is not None and info.length != expect_length:
+                raise ArtifactError(f"TUF target {target_path!r}: length {info.length}, the "
+                                    f"desired state says {expect_length}")
+            digest = info.hashes.get("sha256")
+            if expect_sha256 is not None and digest != expect_sha256:
+                raise ArtifactError(f"TUF target {target_path!r}: sha256 {digest}, the desired "
+                                    f"state says {expect_sha256}")
+            local = self._dl_dir / target_path.replace("/", "__")
+            cached = updater.find_cached_target(info, str(local))
+            return Path(cached or updater.download_target(info, str(local)))
+        except ArtifactError:
+            raise
+        except (tuf_exc.DownloadHTTPError,) as exc:
+            if exc.status_code in (401, 403, 404):
+                raise ArtifactError(f"server refused {target_path!r}: HTTP "
+                                    f"{exc.status_code}") from exc
+            raise TransportError(f"download of {target_path!r} failed: {exc}") from exc
+        except (tuf_exc.SlowRetrievalError, tuf_exc.DownloadError, OSError) as exc:
+            if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
+                raise ArtifactError(f"{target_path!r}: {exc}") from exc
+            raise TransportError(f"download of {target_path!r} failed: {exc}") from exc
+        except tuf_exc.RepositoryError as exc:
+            raise ArtifactError(f"TUF refused {target_path!r}: {type(exc).__name__}: "
+                                f"{exc}") from exc

@@ -1,0 +1,156 @@
+"""The device's MQTT link (adapter around paho-mqtt 2.x; paho stops here).
+
+Connects with the device's own credentials (MQTT 3.1.1, persistent session, a username always:
+the embedded broker queues QoS 1 only for named clients), sets a retained ``offline`` status as
+its last will, subscribes to its own ``desired`` (retained) and ``ack`` topics, and announces
+``online`` on every (re)connect. Everything paho does on its network thread is turned into
+:class:`LinkEvent` values handed to ``on_event`` (thread-safe by contract: the daemon wraps it
+with ``loop.call_soon_threadsafe``). Reconnects use paho's loop with capped backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from agent.errors import ConfigError, TransportError
+from agent.protocol.messages import Status
+from agent.protocol.provisioning import Provisioning
+from agent.protocol.topics import device_topic, parse_topic
+
+__all__ = ["LinkEvent", "DeviceLink"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    kind: str  # "connected" | "disconnected" | "message" | "refused"
+    topic_kind: str | None = None  # for messages: desired | ack
+    payload: bytes = b""
+    detail: str = ""
+
+
+class DeviceLink:
+    def __init__(self, prov: Provisioning, on_event: Callable[[LinkEvent], None], *,
+                 clock: Callable[[], float] = time.time, keepalive: int = 30,
+                 reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0) -> None:
+        parts = urlsplit(prov.mqtt_url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"mqtt url {prov.mqtt_url!r}: expected mqtt://host:port or "
+                              "mqtts://host:port")
+        self._prov = prov
+        self._host = parts.hostname
+        self._port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        self._on_event = on_event
+        self._clock = clock
+        self._keepalive = keepalive
+        self._connected = threading.Event()
+        self._client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                   client_id=f"edgefleet-{prov.device_id}",
+                                   protocol=paho.MQTTv311, clean_session=False)
+        self._client.username_pw_set(prov.mqtt_username, prov.mqtt_password)
+        if parts.scheme == "mqtts":
+            ctx = ssl.create_default_context()
+            if prov.mqtt_ca_pem:
+                with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as fh:
+                    fh.write(prov.mqtt_ca_pem)
+                ctx = ssl.create_default_context(cafile=fh.name)
+            self._client.tls_set_context(ctx)
+        offline = Status(device_id=prov.device_id, online=False, at=int(clock()))
+        self._client.will_set(device_topic(prov.device_id, "status"), offline.to_bytes(),
+                              qos=1, retain=True)
+        self._client.reconnect_delay_set(max(1, int(reconnect_min_s)),
+                                         max(1, int(reconnect_max_s)))
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- paho callbacks (network thread) ---------------------------------------------------
+    def _on_connect(self, client: paho.Client, _u: object, _flags: object, reason: object,
+                    _props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            self._on_event(LinkEvent("refused", detail=str(reason)))
+            return
+        dev = self._prov.device_id
+        client.subscribe([(device_topic(dev, "desired"), 1), (device_topic(dev, "ack"), 1)])
+        online = Status(device_id=dev, online=True, at=int(self._clock()))
+        client.publish(device_topic(dev, "status"), online.to_bytes(), qos=1, retain=True)
+        self._connected.set()
+        self._on_event(LinkEvent("connected"))
+
+    def _on_disconnect(self, _c: paho.Client, _u: object, _flags: object, reason: object,
+                       _props: object) -> None:
+        self._connected.clear()
+        self._on_event(LinkEvent("disconnected", detail=str(reason)))
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        try:
+            device, kind = parse_topic(msg.topic)
+        except ValueError:
+            return
+        if device != self._prov.device_id:
+            return  # the broker's ACL should make this impossible; never act on it
+        self._on_event(LinkEvent("message", topic_kind=kind, payload=bytes(msg.payload)))
+
+    # -- API -------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Start connecting in the background (returns at once; events report progress).
+
+        Raises:
+            TransportError: the host name cannot be resolved or the socket cannot be made.
+        """
+        try:
+            self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+            self._client.loop_start()
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot start MQTT to {self._host}:{self._port}: {exc}") \
+                from exc
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(self, kind: str, payload: bytes, *, retain: bool = False,
+                timeout: float = 10.0) -> None:
+        """Publish to one of this device's topics (QoS 1) and wait for the broker's PUBACK.
+
+        Raises:
+            TransportError: not connected, or no PUBACK within ``timeout``.
+        """
+        if not self._connected.is_set():
+            raise TransportError("MQTT not connected")
+        info = self._client.publish(device_topic(self._prov.device_id, kind), payload, qos=1,
+                                    retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(f"MQTT publish to {kind} failed: {paho.error_string(info.rc)}")
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise TransportError(f"MQTT publish to {kind} failed: {exc}") from exc
+        if not info.is_published():
+            raise TransportError(f"no PUBACK for {kind} within {timeout}s")
+
+    def stop(self) -> None:
+        """Announce offline (retained) and disconnect cleanly."""
+        if self._connected.is_set():
+            try:
+                offline = Status(device_id=self._prov.device_id, online=False,
+                                 at=int(self._clock()))
+                self.publish("status", offline.to_bytes(), retain=True, timeout=2.0)
+            except TransportError as exc:  # the last will says the same thing
+                log.debug("offline status not sent before disconnect: %s", exc)
+        self._client.disconnect()
+        self._client.loop_stop()

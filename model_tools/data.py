@@ -18,7 +18,7 @@ import numpy as np
 from agent.protocol.manifest import TensorSpec
 from model_tools.errors import DataError
 
-__all__ = ["Dataset", "load_npz", "synthetic_dataset", "LABELS_KEY"]
+__all__ = ["LABELS_KEY", "Dataset", "load_npz", "synthetic_dataset"]
 
 LABELS_KEY = "labels"
 
@@ -125,9 +125,10 @@ def _sniff(path: Path) -> str:
 
 def _batch_ok(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
     """A model with a fixed batch of 1 still takes a stack of samples (we feed them singly)."""
-    if len(shape) != len(spec.shape) or not spec.shape or spec.shape[0] != 1:
+    want = spec.static_shape
+    if len(shape) != len(want) or not want or want[0] != 1:
         return False
-    return all(w is None or w == g for w, g in zip(spec.shape[1:], shape[1:]))
+    return all(w is None or w == g for w, g in zip(want[1:], shape[1:], strict=True))
 
 
 def synthetic_dataset(specs: tuple[TensorSpec, ...], samples: int, seed: int = 0) -> Dataset:
@@ -142,7 +143,7 @@ def synthetic_dataset(specs: tuple[TensorSpec, ...], samples: int, seed: int = 0
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
-        dims = [samples] + [1 if d is None else d for d in spec.shape[1:]]
+        dims = [samples] + [1 if d is None else d for d in spec.static_shape[1:]]
         if spec.dtype.startswith("float"):
             inputs[spec.name] = rng.random(dims, dtype=np.float32).astype(spec.dtype)
         elif spec.dtype in ("int8", "uint8", "int16", "int32", "int64"):

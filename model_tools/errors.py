@@ -22,15 +22,15 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "ModelToolsError",
+    "BundleError",
+    "ConversionError",
+    "DataError",
     "InputError",
     "ModelLoadError",
-    "DataError",
-    "ProfileNotFound",
+    "ModelToolsError",
     "OutputDirError",
-    "ConversionError",
+    "ProfileNotFound",
     "ValidationRejected",
-    "BundleError",
 ]
 
 

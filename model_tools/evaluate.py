@@ -21,14 +21,14 @@ from agent.protocol.manifest import TensorSpec
 from model_tools.errors import ConversionError
 
 __all__ = [
-    "open_session",
-    "run_all",
-    "measure_latency",
     "Comparison",
+    "Latency",
     "compare_outputs",
     "detect_task",
+    "measure_latency",
+    "open_session",
+    "run_all",
     "scores_output",
-    "Latency",
 ]
 
 RUN_BATCH = 256
@@ -69,7 +69,7 @@ def run_all(session: Any, inputs: Mapping[str, np.ndarray], fixed_batch: bool = 
     try:
         for start in range(0, n, step):
             feed = {k: v[start:start + step] for k, v in inputs.items()}
-            for name, value in zip(names, session.run(names, feed)):
+            for name, value in zip(names, session.run(names, feed), strict=True):
                 parts[name].append(np.asarray(value))
     except Exception as exc:  # seam
         raise ConversionError(f"inference failed: {exc}") from exc
@@ -118,7 +118,8 @@ def measure_latency(
 def scores_output(outputs: Sequence[TensorSpec]) -> str | None:
     """The output a classifier's top-1 is read from: the first float output of rank 2."""
     for spec in outputs:
-        if spec.dtype.startswith("float") and len(spec.shape) == 2 and spec.shape[1] != 1:
+        if (spec.dtype.startswith("float") and len(spec.shape) == 2
+                and spec.static_shape[1] != 1):
             return spec.name
     return None
 

@@ -17,12 +17,12 @@ from onnx import ModelProto, TensorProto
 from agent.protocol.manifest import TensorSpec
 from model_tools.errors import ConversionError, ModelLoadError
 
-__all__ = ["LoadedModel", "load_model", "save_model", "tensor_specs", "ONNX_DTYPES"]
+__all__ = ["ONNX_DTYPES", "LoadedModel", "load_model", "save_model", "tensor_specs"]
 
 # protobuf refuses single messages over 2 GiB; a one-file artifact must stay below it
 _PROTOBUF_LIMIT = 2**31 - 1
 
-ONNX_DTYPES = {
+ONNX_DTYPES: dict[int, str] = {
     TensorProto.FLOAT: "float32",
     TensorProto.FLOAT16: "float16",
     TensorProto.DOUBLE: "float64",

@@ -20,14 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import MANIFEST_FILE, Manifest, ManifestError, sha256_file
+from agent.protocol.manifest import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestError,
+    sha256_file,
+)
 from model_tools.errors import BundleError, OutputDirError
 
-__all__ = ["REPORT_FILE", "check_out_dir", "write_bundle", "write_report_only", "read_bundle",
-           "BundleCheck"]
+__all__ = [
+    "REPORT_FILE",
+    "BundleCheck",
+    "check_out_dir",
+    "read_bundle",
+    "write_bundle",
+    "write_report_only",
+]
 
 REPORT_FILE = "report.json"
-_MAX_MANIFEST_BYTES = 8 << 20
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -144,7 +155,8 @@ def read_bundle(path: Path) -> BundleCheck:
                     status = "unreadable"
                 hint = f" (it holds a conversion report, status {status!r}: see {report})"
             raise BundleError(f"{path} is not a bundle: no {MANIFEST_FILE}{hint}")
-        manifest = _parse(manifest_path.read_bytes(), str(manifest_path))
+        with manifest_path.open("rb") as fh:
+            manifest = _parse(fh.read(MAX_MANIFEST_BYTES + 1), str(manifest_path))
         model_path = path / manifest.file.path
         if not model_path.is_file():
             raise BundleError(f"{path}: model file {manifest.file.path!r} named by the "
@@ -164,8 +176,10 @@ def read_bundle(path: Path) -> BundleCheck:
 
 
 def _parse(raw: bytes, where: str) -> Manifest:
-    if len(raw) > _MAX_MANIFEST_BYTES:
-        raise BundleError(f"{where}: manifest is {len(raw)} bytes, over {_MAX_MANIFEST_BYTES}")
+    """``raw`` is at most one byte more than the limit: read no more than that."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{where}: manifest is over {MAX_MANIFEST_BYTES} bytes, expected at "
+                          f"most {MAX_MANIFEST_BYTES}")
     try:
         return Manifest.from_bytes(raw)
     except ManifestError as exc:
@@ -188,11 +202,11 @@ def _read_tar(path: Path) -> tuple[Manifest, int, str]:
             raise BundleError(f"{path} is not a bundle: no {MANIFEST_FILE} in the tar")
         fh = tar.extractfile(top[MANIFEST_FILE])
         assert fh is not None
-        manifest = _parse(fh.read(_MAX_MANIFEST_BYTES + 1), f"{path}:{MANIFEST_FILE}")
-        member = top.get(manifest.file.path)
-        if member is None:
+        manifest = _parse(fh.read(MAX_MANIFEST_BYTES + 1), f"{path}:{MANIFEST_FILE}")
+        model_member = top.get(manifest.file.path)
+        if model_member is None:
             raise BundleError(f"{path}: model file {manifest.file.path!r} is missing from the tar")
-        data = tar.extractfile(member)
+        data = tar.extractfile(model_member)
         assert data is not None
         digest = hashlib.sha256()
         length = 0

@@ -25,11 +25,15 @@ from typing import Any
 import numpy as np
 
 from agent.protocol.manifest import (
+    MAX_MANIFEST_BYTES,
     MODEL_FILES,
+    PLAIN_NAME_RULE,
     Golden,
     Manifest,
+    ManifestError,
     ModelFile,
     Tensor,
+    is_plain_name,
     sha256_file,
 )
 from agent.protocol.profiles import DeviceProfile
@@ -41,11 +45,13 @@ from model_tools.onnx_io import load_model, save_model
 from model_tools.package import check_out_dir, write_bundle, write_report_only
 from model_tools.quantize import build_variant
 
-__all__ = ["ConvertRequest", "ConvertResult", "convert", "tool_versions", "Progress"]
+__all__ = ["ConvertRequest", "ConvertResult", "Progress", "convert", "tool_versions"]
 
 Progress = Callable[[str], None]
 SYNTHETIC_SAMPLES = 64
 GOLDEN_SAMPLES = 8
+#: raw bytes the golden tensors may take: base64 grows them by 4/3, to half the manifest limit
+GOLDEN_BUDGET_BYTES = MAX_MANIFEST_BYTES * 3 // 8
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,25 @@ def _fixed_batch(ds_specs: Any) -> bool:
     return any(s.shape and s.shape[0] == 1 for s in ds_specs)
 
 
+def _check_names(req: ConvertRequest) -> str:
+    """The manifest's model name; it and the version become paths on the device."""
+    name = req.name or req.model.stem
+    if not is_plain_name(name):
+        how = "pass --name" if req.name is None else "choose another --name"
+        raise InputError(f"model name {name!r} cannot be used ({how}): expected "
+                         f"{PLAIN_NAME_RULE}")
+    if not is_plain_name(req.version):
+        raise InputError(f"version {req.version!r} cannot be used: expected {PLAIN_NAME_RULE}")
+    return name
+
+
+def _golden_samples(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> int:
+    """How many golden samples fit :data:`GOLDEN_BUDGET_BYTES` (at least 1, at most 8)."""
+    per_sample = sum(a.nbytes // a.shape[0] if a.ndim and a.shape[0] else a.nbytes
+                     for a in (*inputs.values(), *outputs.values()))
+    return max(1, min(GOLDEN_SAMPLES, GOLDEN_BUDGET_BYTES // max(per_sample, 1)))
+
+
 def _tensor(arr: np.ndarray) -> Tensor:
     arr = np.ascontiguousarray(arr)
     return Tensor(dtype=str(arr.dtype), shape=tuple(int(d) for d in arr.shape),
@@ -117,9 +142,10 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
         raise InputError(f"profile {profile.name!r} uses runtime {profile.runtime!r}; this "
                          "converter builds onnxruntime artifacts (TFLite conversion is not "
                          "available yet)")
+    name = _check_names(req)
     check_out_dir(req.out, req.force)
     precisions, auto = _candidates(req)
-    now = req.now or dt.datetime.now(dt.timezone.utc)
+    now = req.now or dt.datetime.now(dt.UTC)
 
     progress(f"loading {req.model.name}")
     loaded = load_model(req.model)
@@ -201,8 +227,12 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
         art_path = variants[chosen.precision]
         progress("writing golden I/O and drift baseline")
         art_sess = sessions[chosen.precision]
-        golden_in = validation.head(GOLDEN_SAMPLES)
+        # a fixed batch of 1 (fed singly elsewhere) means one golden sample, as the spec says
+        golden_in = validation.head(1 if fixed else GOLDEN_SAMPLES)
         golden_out = evaluate.run_all(art_sess, golden_in, fixed)
+        keep = _golden_samples(golden_in, golden_out)
+        golden_in = {k: v[:keep] for k, v in golden_in.items()}
+        golden_out = {k: v[:keep] for k, v in golden_out.items()}
         base_data = calibration or evaluation or validation
         base_out = evaluate.run_all(art_sess, base_data.inputs, fixed)
         baseline = compute_baseline(base_data.inputs, base_out, task=task,
@@ -211,7 +241,7 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
         src_len, src_digest = sha256_file(req.model)
         report["status"] = "accepted"
         manifest = Manifest(
-            name=req.name or req.model.stem,
+            name=name,
             version=req.version,
             profile=profile.name,
             runtime=profile.runtime,
@@ -244,7 +274,10 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
                 "created_at": now.isoformat(timespec="seconds"),
             },
         )
-        manifest = Manifest.from_bytes(manifest.to_bytes())  # what readers will see, checked
+        try:  # what readers will see, checked
+            manifest = Manifest.from_bytes(manifest.to_bytes())
+        except ManifestError as exc:
+            raise ConversionError(f"the manifest for this model would be refused: {exc}") from exc
         progress(f"writing bundle {req.out}")
         write_bundle(req.out, art_path, manifest, force=req.force)
     return ConvertResult(bundle=req.out, manifest=manifest, report=report)

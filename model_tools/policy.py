@@ -23,7 +23,7 @@ from typing import Any
 
 from agent.protocol.profiles import DeviceProfile
 
-__all__ = ["LATENCY_RATIO", "LATENCY_SLACK_MS", "Measured", "Check", "Judged", "Decision", "decide"]
+__all__ = ["LATENCY_RATIO", "LATENCY_SLACK_MS", "Check", "Decision", "Judged", "Measured", "decide"]
 
 LATENCY_RATIO = 1.10
 LATENCY_SLACK_MS = 0.02

@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.protocol.profiles import DeviceProfile, ProfileError, load_profiles
 from model_tools.errors import InputError, ProfileNotFound
 
-__all__ = ["DeviceProfile", "default_profile_dir", "all_profiles", "get_profile"]
+__all__ = ["DeviceProfile", "all_profiles", "default_profile_dir", "get_profile"]
 
 
 def default_profile_dir(environ: Mapping[str, str] | None = None) -> Path:

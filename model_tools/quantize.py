@@ -23,7 +23,7 @@ import onnx
 from model_tools.errors import ConversionError, DataError
 from model_tools.onnx_io import save_model
 
-__all__ = ["Variant", "build_variant", "CALIBRATION_BATCH"]
+__all__ = ["CALIBRATION_BATCH", "Variant", "build_variant"]
 
 CALIBRATION_BATCH = 32
 log = logging.getLogger(__name__)
@@ -62,14 +62,27 @@ def _preprocess(src: Path, dst: Path, notes: list[str]) -> Path:
     Symbolic shape inference fails on many real models, so it is skipped (DESIGN.md). If the
     pre-processing itself fails, quantize the model as it is and say so.
     """
+    try:
+        _run_preprocess(src, dst)
+        return dst
+    except ConversionError as exc:  # only means "quantize without it"
+        cause = exc.__cause__ or exc
+        notes.append(f"quantization pre-processing skipped ({type(cause).__name__}: {cause})")
+        return src
+
+
+def _run_preprocess(src: Path, dst: Path) -> None:
+    """The seam: whatever onnxruntime raises becomes :class:`ConversionError`.
+
+    Raises:
+        ConversionError: the pre-processing failed (``from`` onnxruntime's exception).
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-        return dst
-    except Exception as exc:  # seam: any failure here only means "quantize without it"
-        notes.append(f"quantization pre-processing skipped ({type(exc).__name__}: {exc})")
-        return src
+    except Exception as exc:  # seam: onnxruntime's errors derive from Exception only
+        raise ConversionError(f"quantization pre-processing failed: {exc}") from exc
 
 
 def build_variant(

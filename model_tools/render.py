@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
 from rich.table import Table
@@ -15,7 +15,7 @@ from rich.table import Table
 from agent.protocol.manifest import Manifest
 from agent.protocol.profiles import DeviceProfile
 
-__all__ = ["Reporter", "candidates_table", "summary_lines", "profiles_table", "inspect_lines"]
+__all__ = ["Reporter", "candidates_table", "inspect_lines", "profiles_table", "summary_lines"]
 
 # piped output (CI logs, `| less`) gets a readable width instead of rich's 80 columns
 _out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -31,7 +31,7 @@ class Reporter:
         self._current: str | None = None
         self._started = 0.0
 
-    def __enter__(self) -> Reporter:
+    def __enter__(self) -> Self:
         if not self._quiet:
             self._status = _err.status("starting")
             self._status.__enter__()
@@ -45,7 +45,8 @@ class Reporter:
 
     def _finish(self) -> None:
         if self._current is not None and not self._quiet:
-            _err.print(f"[green]✓[/] {self._current} [dim]({time.monotonic() - self._started:.1f}s)")
+            took = time.monotonic() - self._started
+            _err.print(f"[green]✓[/] {self._current} [dim]({took:.1f}s)")
         self._current = None
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,

@@ -22,7 +22,7 @@ Two distances between a reference distribution and a live one:
   shift. PSI is symmetric in its two arguments and grows with the number of bins; with ``N``
   reference and ``M`` live samples and ``B`` bins, sampling noise alone gives about
   ``(B - 1) * (1/N + 1/M)``, so compare small windows with care.
-* :func:`js_divergence`, the Jensen–Shannon divergence in bits: symmetric, bounded in
+* :func:`js_divergence`, the Jensen-Shannon divergence in bits: symmetric, bounded in
   ``[0, 1]`` (1 for disjoint supports), needs no smoothing.
 
 :class:`StreamingHistogram` accumulates live counts for one feature over fixed edges in
@@ -203,7 +203,7 @@ def psi(ref_freqs: npt.ArrayLike, live: npt.ArrayLike, eps: float = DEFAULT_EPS)
 
 
 def js_divergence(ref: npt.ArrayLike, live: npt.ArrayLike) -> float:
-    """Jensen–Shannon divergence in bits between two binned distributions.
+    """Jensen-Shannon divergence in bits between two binned distributions.
 
     ``0.5 * KL(p || m) + 0.5 * KL(q || m)`` with ``m = (p + q) / 2`` and ``log2``; empty bins
     contribute nothing (``0 * log 0 = 0``). Symmetric, in ``[0, 1]``: 0 for identical

@@ -6,41 +6,72 @@ dicts in, a verified :class:`Manifest` or :class:`ManifestError` out. It never i
 tensors (golden inputs/outputs) travel as :class:`Tensor` values holding raw little-endian bytes
 in base64, decoded by whoever has numpy.
 
+Reading and writing:
+
+- ``manifest.json`` is strict JSON, read and written by ``agent.protocol._json`` (shared with
+  the MQTT messages): UTF-8, no NaN/Infinity, no duplicate keys, at most
+  :data:`MAX_MANIFEST_BYTES`. :meth:`Manifest.to_bytes` is canonical (sorted keys, compact,
+  one trailing newline): the same manifest always gives the same bytes.
+- ``model.name``, ``model.version`` and ``profile`` become paths on the device and parts of
+  TUF target names, so each must match :data:`PLAIN_NAME_PATTERN` (see :func:`is_plain_name`).
+- A tensor dim is a size (int), a symbolic name (``"N"``) or ``null``; names and nulls are
+  both dynamic, and a name is written back as it was read.
+- An optional field (``min_runtime_version``, ``golden.min_agreement``) that is ``null`` means
+  the same as an absent one, and is written back absent; ``candidates`` absent or ``null`` is
+  written back as ``[]``. One meaning, one canonical form.
+- A :class:`Manifest` and its parts copy the JSON they are given (and :meth:`Manifest.to_dict`
+  returns fresh copies), so they never share mutable state with their caller.
+
 Forward compatibility (python-tuf ADR 0008): every object keeps the fields it does not know in
-``unrecognized`` and writes them back unchanged, so an older tool can rewrite a newer manifest
-without losing anything. A manifest whose ``schema_version`` *major* is newer than
-:data:`SCHEMA_VERSION` is refused: it may mean something this code cannot check.
+``unrecognized`` (the ``model`` object's in :attr:`Manifest.model_unrecognized`) and writes them
+back unchanged, so an older tool can rewrite a newer manifest without losing anything. A
+manifest whose ``schema_version`` is newer than :data:`SCHEMA_VERSION` is refused: it may mean
+something this code cannot check.
+
+Errors: :class:`ManifestError` (an :class:`agent.protocol.ProtocolError`, so a ``ValueError``)
+names the field, expected against actual. Constructing a part with an ``unrecognized`` key that
+is one of its known fields is a programmer error (plain ``ValueError``).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import math
+import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeGuard, TypeVar
+
+from agent.protocol import _json
+from agent.protocol._errors import ProtocolError, shown
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "MANIFEST_FILE",
-    "MODEL_FILES",
-    "RUNTIMES",
-    "PRECISIONS",
-    "TASKS",
     "DTYPES",
-    "ManifestError",
-    "TensorSpec",
-    "Tensor",
-    "ModelFile",
+    "MANIFEST_FILE",
+    "MAX_MANIFEST_BYTES",
+    "MODEL_FILES",
+    "PLAIN_NAME_PATTERN",
+    "PLAIN_NAME_RULE",
+    "PRECISIONS",
+    "RUNTIMES",
+    "SCHEMA_VERSION",
+    "TASKS",
     "Golden",
     "Manifest",
+    "ManifestError",
+    "ModelFile",
+    "Tensor",
+    "TensorSpec",
+    "is_plain_name",
     "sha256_file",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+#: the largest ``manifest.json`` we read or write (bytes); golden tensors dominate its size
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 #: runtime -> the one model file name a bundle for that runtime holds
 MODEL_FILES = {"onnxruntime": "model.onnx", "tflite": "model.tflite"}
 RUNTIMES = tuple(MODEL_FILES)
@@ -58,19 +89,35 @@ DTYPES = {
     "int64": 8,
     "bool": 1,
 }
+#: model names, versions and profile names: ASCII letters, digits, ``. _ + -``; no leading dot
+#: (so never ``.``, ``..``, a hidden file, a path separator, NUL, whitespace or a newline)
+PLAIN_NAME_PATTERN = r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*"
+#: what an error says when a name breaks :data:`PLAIN_NAME_PATTERN`
+PLAIN_NAME_RULE = ("a plain name of letters, digits, '.', '_', '+' or '-', not starting with "
+                   "'.' (it becomes a path on the device and part of a TUF target name)")
+_PLAIN_NAME = re.compile(PLAIN_NAME_PATTERN)
 
 
-class ManifestError(ValueError):
+class ManifestError(ProtocolError):
     """A manifest (or part of one) is malformed. Names the field, expected against actual."""
 
     def __init__(self, path: str, expected: str, actual: object) -> None:
         self.path = path
         self.expected = expected
         self.actual = actual
-        shown = actual if isinstance(actual, str) and actual else repr(actual)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"manifest field {path!r}: expected {expected}, got {shown}")
+        super().__init__(f"manifest field {path!r}: expected {expected}, "
+                         f"got {shown(actual, quote_strings=False)}")
+
+
+def is_plain_name(value: object) -> TypeGuard[str]:
+    """True when ``value`` may be a model name, model version or profile name.
+
+    It must fully match :data:`PLAIN_NAME_PATTERN`: non-empty ASCII letters, digits, ``.``,
+    ``_``, ``+`` and ``-``, not starting with ``.``. That rules out ``""``, ``.``, ``..``,
+    ``/``, ``\\``, NUL, whitespace and hidden files, since the value becomes a path on the
+    device and part of a TUF target name.
+    """
+    return isinstance(value, str) and _PLAIN_NAME.fullmatch(value) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +143,7 @@ def _take(d: dict[str, Any], key: str, path: str, kind: type[_T] | tuple[type, .
 def _take_opt(
     d: dict[str, Any], key: str, path: str, kind: type[_T] | tuple[type, ...], default: Any
 ) -> Any:
+    """An optional field: absent and ``null`` both read as ``default``."""
     if key not in d:
         return default
     value = d.pop(key)
@@ -133,49 +181,102 @@ def _finite(value: float, path: str) -> float:
     return float(value)
 
 
+def _plain_name(value: str, path: str) -> str:
+    if not is_plain_name(value):
+        raise ManifestError(path, PLAIN_NAME_RULE, value)
+    return value
+
+
+def _copied(value: object, path: str) -> Any:
+    """A deep copy of JSON data held by a manifest, refusing what is not JSON."""
+    try:
+        return _json.copy_json(value)
+    except _json.JSONError as exc:
+        raise ManifestError(f"{path}{exc.where}", exc.expected, exc.actual) from exc
+
+
+def _own(obj: object, attr: str, known: Iterable[str], path: str) -> None:
+    """Replace a frozen dataclass's mapping ``attr`` by a checked deep copy of it.
+
+    Raises:
+        ValueError: it holds a known field's name (it would overwrite that field on write).
+        ManifestError: it holds something that is not JSON.
+    """
+    value = _copied(getattr(obj, attr), path)
+    if not isinstance(value, dict):
+        raise ManifestError(path, "an object", type(value).__name__)
+    clash = sorted(set(value) & set(known))
+    if clash:
+        raise ValueError(f"{type(obj).__name__}.{attr}: expected only unknown fields, got the "
+                         f"known field(s) {clash}")
+    object.__setattr__(obj, attr, value)
+
+
 # ---------------------------------------------------------------------------------------------
 # parts
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorSpec:
-    """One model input or output: name, numpy dtype name, shape (``None`` = dynamic dim)."""
+    """One model input or output: name, numpy dtype name and shape.
+
+    A dim is a size, a symbolic name (``"N"``, ``"batch"``) or ``None``; names and ``None``
+    are both dynamic. :attr:`static_shape` is the shape with every dynamic dim as ``None``.
+    """
 
     name: str
     dtype: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | str | None, ...]
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    _FIELDS: ClassVar[tuple[str, ...]] = ("name", "dtype", "shape")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        _own(self, "unrecognized", self._FIELDS, "TensorSpec.unrecognized")
 
     @classmethod
     def from_dict(cls, data: object, path: str) -> TensorSpec:
+        """Build and check one from parsed JSON; ``path`` names it in errors.
+
+        Raises:
+            ManifestError: a field is missing, of the wrong type or out of range.
+        """
         d = dict(_obj(data, path))
         name = _take(d, "name", path, str)
         if not name:
             raise ManifestError(f"{path}.name", "a non-empty string", name)
         dtype = _choice(_take(d, "dtype", path, str), DTYPES, f"{path}.dtype")
         raw_shape = _take(d, "shape", path, list)
-        shape: list[int | None] = []
+        shape: list[int | str | None] = []
         for i, dim in enumerate(raw_shape):
-            if dim is None or isinstance(dim, str):  # symbolic dims ("N", "batch") are dynamic
-                shape.append(None)
-            elif isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0:
-                shape.append(dim)
-            else:
+            # a size, or dynamic: null or a symbolic name ("N", "batch"), kept as written
+            size = isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0
+            if not (size or dim is None or isinstance(dim, str)):
                 raise ManifestError(f"{path}.shape[{i}]", "a size >= 0, null or a name", dim)
+            shape.append(dim)
         return cls(name=name, dtype=dtype, shape=tuple(shape), unrecognized=d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                **self.unrecognized}
+        """Plain JSON data, unrecognized fields included."""
+        return {**_json.copy_json(self.unrecognized), "name": self.name, "dtype": self.dtype,
+                "shape": list(self.shape)}
+
+    @property
+    def static_shape(self) -> tuple[int | None, ...]:
+        """The shape with every dynamic dim (symbolic name or ``None``) as ``None``."""
+        return tuple(d if isinstance(d, int) else None for d in self.shape)
 
     def accepts_shape(self, shape: Iterable[int]) -> bool:
         """True when a concrete ``shape`` fits this spec (same rank, fixed dims equal)."""
         shape = tuple(shape)
         if len(shape) != len(self.shape):
             return False
-        return all(want is None or want == got for want, got in zip(self.shape, shape))
+        return all(want is None or want == got
+                   for want, got in zip(self.static_shape, shape, strict=True))
 
     def shape_str(self) -> str:
-        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        """The shape for people: ``[N, 64]``; a nameless dynamic dim is ``?``."""
+        return "[" + ", ".join("?" if d is None or d == "" else str(d) for d in self.shape) + "]"
 
 
 @dataclass(frozen=True)
@@ -185,9 +286,23 @@ class Tensor:
     dtype: str
     shape: tuple[int, ...]
     data: bytes
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    _FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "shape", "b64")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "data", bytes(self.data))
+        _own(self, "unrecognized", self._FIELDS, "Tensor.unrecognized")
 
     @classmethod
     def from_dict(cls, data: object, path: str) -> Tensor:
+        """Build and check one from parsed JSON; ``path`` names it in errors.
+
+        Raises:
+            ManifestError: a field is missing, of the wrong type, not base64, or the byte
+                count does not fit dtype and shape.
+        """
         d = dict(_obj(data, path))
         dtype = _choice(_take(d, "dtype", path, str), DTYPES, f"{path}.dtype")
         shape = tuple(_take(d, "shape", path, list))
@@ -203,11 +318,12 @@ class Tensor:
         if len(raw) != want:
             raise ManifestError(f"{path}.b64", f"{want} bytes for {dtype}{list(shape)}",
                                 f"{len(raw)} bytes")
-        return cls(dtype=dtype, shape=shape, data=raw)
+        return cls(dtype=dtype, shape=shape, data=raw, unrecognized=d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape),
-                "b64": base64.b64encode(self.data).decode("ascii")}
+        """Plain JSON data, unrecognized fields included."""
+        return {**_json.copy_json(self.unrecognized), "dtype": self.dtype,
+                "shape": list(self.shape), "b64": base64.b64encode(self.data).decode("ascii")}
 
 
 @dataclass(frozen=True)
@@ -219,8 +335,18 @@ class ModelFile:
     length: int
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
+    _FIELDS: ClassVar[tuple[str, ...]] = ("path", "sha256", "length")
+
+    def __post_init__(self) -> None:
+        _own(self, "unrecognized", self._FIELDS, "ModelFile.unrecognized")
+
     @classmethod
     def from_dict(cls, data: object, path: str) -> ModelFile:
+        """Build and check one from parsed JSON; ``path`` names it in errors.
+
+        Raises:
+            ManifestError: a field is missing, of the wrong type or out of range.
+        """
         d = dict(_obj(data, path))
         name = _take(d, "path", path, str)
         if name not in MODEL_FILES.values():
@@ -235,8 +361,9 @@ class ModelFile:
         return cls(path=name, sha256=digest, length=length, unrecognized=d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "length": self.length,
-                **self.unrecognized}
+        """Plain JSON data, unrecognized fields included."""
+        return {**_json.copy_json(self.unrecognized), "path": self.path, "sha256": self.sha256,
+                "length": self.length}
 
 
 @dataclass(frozen=True)
@@ -254,8 +381,20 @@ class Golden:
     min_agreement: float | None = None
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
+    _FIELDS: ClassVar[tuple[str, ...]] = ("inputs", "outputs", "atol", "rtol", "min_agreement")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", dict(self.inputs))
+        object.__setattr__(self, "outputs", dict(self.outputs))
+        _own(self, "unrecognized", self._FIELDS, "Golden.unrecognized")
+
     @classmethod
     def from_dict(cls, data: object, path: str) -> Golden:
+        """Build and check one from parsed JSON; ``path`` names it in errors.
+
+        Raises:
+            ManifestError: a field is missing, of the wrong type or out of range.
+        """
         d = dict(_obj(data, path))
         inputs = {k: Tensor.from_dict(v, f"{path}.inputs.{k}")
                   for k, v in _obj(_take(d, "inputs", path, dict), f"{path}.inputs").items()}
@@ -275,7 +414,9 @@ class Golden:
                    min_agreement=None if agree is None else float(agree), unrecognized=d)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data, unrecognized fields included (``min_agreement`` only if set)."""
         out: dict[str, Any] = {
+            **_json.copy_json(self.unrecognized),
             "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
             "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
             "atol": self.atol,
@@ -283,7 +424,6 @@ class Golden:
         }
         if self.min_agreement is not None:
             out["min_agreement"] = self.min_agreement
-        out.update(self.unrecognized)
         return out
 
 
@@ -297,7 +437,8 @@ class Manifest:
     ``validation``, ``candidates``, ``drift_baseline`` and ``lineage`` are kept as plain JSON
     objects: their producers (model_tools) and consumers (dashboard, drift) own their inner
     shape, which is documented in docs/manifest.md; this class checks only what every reader
-    relies on.
+    relies on. ``model_unrecognized`` holds the fields of the ``model`` object this code does
+    not know, ``unrecognized`` those of the top level.
     """
 
     name: str
@@ -317,28 +458,48 @@ class Manifest:
     min_runtime_version: str | None = None
     schema_version: int = SCHEMA_VERSION
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    model_unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "schema_version", "model", "profile", "runtime", "precision", "task", "file", "inputs",
+        "outputs", "golden", "validation", "candidates", "drift_baseline", "lineage",
+        "min_runtime_version")
+    _MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("name", "version")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        for attr in ("validation", "drift_baseline", "lineage"):
+            _own(self, attr, (), attr)
+        candidates = tuple(_copied(c, f"candidates[{i}]") for i, c in enumerate(self.candidates))
+        for i, c in enumerate(candidates):
+            _obj(c, f"candidates[{i}]")
+        object.__setattr__(self, "candidates", candidates)
+        _own(self, "unrecognized", self._FIELDS, "Manifest.unrecognized")
+        _own(self, "model_unrecognized", self._MODEL_FIELDS, "Manifest.model_unrecognized")
 
     # -- parsing --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: object) -> Manifest:
-        """Build and check a manifest from parsed JSON.
+        """Build and check a manifest from parsed JSON (``data`` is copied, not kept).
 
         Raises:
-            ManifestError: a field is missing, of the wrong type or out of range.
+            ManifestError: a field is missing, of the wrong type or out of range, or a value
+                is not JSON (NaN, Infinity, a non-string key, another type).
         """
-        d = dict(_obj(data, "manifest"))
+        try:  # a private copy: the caller may change ``data`` later, and it must be JSON
+            data = _json.copy_json(data)
+        except _json.JSONError as exc:
+            raise ManifestError(exc.where.lstrip(".") or "manifest", exc.expected,
+                                exc.actual) from exc
+        d = _obj(data, "manifest")
         version = _take(d, "schema_version", "", int)
         if version < 1 or version > SCHEMA_VERSION:
             raise ManifestError("schema_version", f"1..{SCHEMA_VERSION}", version)
         model = dict(_obj(_take(d, "model", "", dict), "model"))
-        name = _take(model, "name", "model", str)
-        if not name or any(c in name for c in "/\\\0") or name.startswith("."):
-            raise ManifestError("model.name", "a plain name (no path separators)", name)
-        mversion = _take(model, "version", "model", str)
-        if not mversion or any(c in mversion for c in "/\\\0"):
-            raise ManifestError("model.version", "a plain version string", mversion)
-        if model:
-            d["model_unrecognized"] = model  # keep it: round-trip below
+        name = _plain_name(_take(model, "name", "model", str), "model.name")
+        mversion = _plain_name(_take(model, "version", "model", str), "model.version")
+        profile = _plain_name(_take(d, "profile", "", str), "profile")
         runtime = _choice(_take(d, "runtime", "", str), RUNTIMES, "runtime")
         file = ModelFile.from_dict(_take(d, "file", "", dict), "file")
         if file.path != MODEL_FILES[runtime]:
@@ -355,31 +516,18 @@ class Manifest:
             if len(set(names)) != len(names):
                 raise ManifestError(label, "unique names", names)
         golden = Golden.from_dict(_take(d, "golden", "", dict), "golden")
-        known_in = {s.name: s for s in inputs}
-        for gname, tensor in golden.inputs.items():
-            spec = known_in.get(gname)
-            if spec is None:
-                raise ManifestError(f"golden.inputs.{gname}", "a declared input name",
-                                    sorted(known_in))
-            if spec.dtype != tensor.dtype or not spec.accepts_shape(tensor.shape):
-                raise ManifestError(f"golden.inputs.{gname}",
-                                    f"{spec.dtype}{spec.shape_str()}",
-                                    f"{tensor.dtype}{list(tensor.shape)}")
-        missing = sorted(set(known_in) - set(golden.inputs))
+        _check_golden("inputs", inputs, golden.inputs)
+        _check_golden("outputs", outputs, golden.outputs)
+        missing = sorted({s.name for s in inputs} - set(golden.inputs))
         if missing:
             raise ManifestError("golden.inputs", "a tensor for every input", f"missing {missing}")
-        known_out = {s.name for s in outputs}
-        for gname in golden.outputs:
-            if gname not in known_out:
-                raise ManifestError(f"golden.outputs.{gname}", "a declared output name",
-                                    sorted(known_out))
         candidates = tuple(_obj(c, f"candidates[{i}]")
                            for i, c in enumerate(_take_opt(d, "candidates", "", list, [])))
         return cls(
             schema_version=version,
             name=name,
             version=mversion,
-            profile=_nonempty(_take(d, "profile", "", str), "profile"),
+            profile=profile,
             runtime=runtime,
             precision=_choice(_take(d, "precision", "", str), PRECISIONS, "precision"),
             task=_choice(_take(d, "task", "", str), TASKS, "task"),
@@ -393,6 +541,7 @@ class Manifest:
             candidates=candidates,
             min_runtime_version=_take_opt(d, "min_runtime_version", "", str, None),
             unrecognized=d,
+            model_unrecognized=model,
         )
 
     @classmethod
@@ -400,20 +549,23 @@ class Manifest:
         """Parse ``manifest.json`` bytes.
 
         Raises:
-            ManifestError: not UTF-8 JSON, or not a valid manifest.
+            ManifestError: over :data:`MAX_MANIFEST_BYTES`, not strict UTF-8 JSON (NaN,
+                Infinity, duplicate keys, integers past Python's digit limit and nesting past
+                its recursion limit are all refused), or not a valid manifest.
         """
         try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError("manifest", "UTF-8 JSON", f"{type(exc).__name__}: {exc}") from exc
+            data = _json.parse_json(raw, limit=MAX_MANIFEST_BYTES)
+        except _json.JSONError as exc:
+            raise ManifestError("manifest", exc.expected, exc.actual) from exc
         return cls.from_dict(data)
 
     # -- writing --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        extra = dict(self.unrecognized)
-        model: dict[str, Any] = {"name": self.name, "version": self.version}
-        model.update(extra.pop("model_unrecognized", {}))
+        """Plain JSON data (fresh copies), unrecognized fields included at every level."""
+        model: dict[str, Any] = {**_json.copy_json(self.model_unrecognized),
+                                 "name": self.name, "version": self.version}
         out: dict[str, Any] = {
+            **_json.copy_json(self.unrecognized),
             "schema_version": self.schema_version,
             "model": model,
             "profile": self.profile,
@@ -424,24 +576,33 @@ class Manifest:
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
             "golden": self.golden.to_dict(),
-            "validation": dict(self.validation),
-            "candidates": [dict(c) for c in self.candidates],
-            "drift_baseline": dict(self.drift_baseline),
-            "lineage": dict(self.lineage),
+            "validation": _json.copy_json(self.validation),
+            "candidates": _json.copy_json(self.candidates),
+            "drift_baseline": _json.copy_json(self.drift_baseline),
+            "lineage": _json.copy_json(self.lineage),
         }
         if self.min_runtime_version is not None:
             out["min_runtime_version"] = self.min_runtime_version
-        out.update(extra)
         return out
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON (sorted keys, compact, UTF-8): the same manifest, the same bytes.
+        """Canonical JSON (sorted keys, compact, UTF-8, newline): same manifest, same bytes.
 
         Compact because golden tensors and drift baselines dominate the size; ``model_tools
         inspect`` is the human view.
+
+        Raises:
+            ManifestError: a value is not JSON-encodable (NaN, Infinity, a lone surrogate), or
+                the result is over :data:`MAX_MANIFEST_BYTES` (``from_bytes`` would refuse it).
         """
-        return (json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            raw = _json.canonical_json(self.to_dict()) + b"\n"
+        except _json.JSONError as exc:
+            raise ManifestError("manifest", exc.expected, exc.actual) from exc
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError("manifest", f"at most {MAX_MANIFEST_BYTES} bytes",
+                                f"{len(raw)} bytes")
+        return raw
 
     # -- checks ---------------------------------------------------------------------------
     def verify_model_bytes(self, length: int, sha256: str) -> None:
@@ -456,13 +617,21 @@ class Manifest:
             raise ManifestError("file.sha256", self.file.sha256, sha256)
 
 
-def _nonempty(value: str, path: str) -> str:
-    if not value:
-        raise ManifestError(path, "a non-empty string", value)
-    return value
+def _check_golden(label: str, specs: tuple[TensorSpec, ...],
+                  tensors: Mapping[str, Tensor]) -> None:
+    """Every golden tensor names a declared input/output and fits its dtype and shape."""
+    known = {s.name: s for s in specs}
+    for gname, tensor in tensors.items():
+        spec = known.get(gname)
+        if spec is None:
+            raise ManifestError(f"golden.{label}.{gname}", f"a declared {label[:-1]} name",
+                                sorted(known))
+        if spec.dtype != tensor.dtype or not spec.accepts_shape(tensor.shape):
+            raise ManifestError(f"golden.{label}.{gname}", f"{spec.dtype}{spec.shape_str()}",
+                                f"{tensor.dtype}{list(tensor.shape)}")
 
 
-def sha256_file(path: str | bytes | Any, chunk: int = 1 << 20) -> tuple[int, str]:
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> tuple[int, str]:
     """Stream a file once; return ``(length, sha256 hex)``.
 
     Raises:

@@ -16,18 +16,21 @@ Forward compatibility (python-tuf ADR 0008): every object keeps the fields it do
 :data:`SCHEMA_VERSION` is refused. Payloads over :data:`MAX_MESSAGE_BYTES` are refused before
 parsing.
 
-Errors: :class:`MessageError` (a ``ValueError``) names the field, expected against actual;
-a bad topic raises :class:`agent.protocol.topics.TopicError` (also a ``ValueError``).
+Errors: :class:`MessageError` (an :class:`agent.protocol.ProtocolError`, so a ``ValueError``)
+names the field, expected against actual; a bad topic raises
+:class:`agent.protocol.topics.TopicError` (also a ``ProtocolError``). The strict JSON reading
+and canonical writing are defined once, in ``agent.protocol._json``, shared with the manifest.
 Pure: standard library only.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
+from agent.protocol import _json
+from agent.protocol._errors import ProtocolError, shown
 from agent.protocol.topics import DEVICE_ID_PATTERN, is_valid_device_id, parse_topic
 
 __all__ = [
@@ -62,7 +65,7 @@ STREAMS = ("telemetry", "drift")
 _HEX = frozenset("0123456789abcdef")
 
 
-class MessageError(ValueError):
+class MessageError(ProtocolError):
     """A message (or part of one) is malformed. Names the field, expected against actual."""
 
     def __init__(self, field: str, expected: str, actual: object, *,
@@ -71,14 +74,11 @@ class MessageError(ValueError):
         self.expected = expected
         self.actual = actual
         self.message = message
-        shown = repr(actual)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"{message} field {field!r}: expected {expected}, got {shown}")
+        super().__init__(f"{message} field {field!r}: expected {expected}, got {shown(actual)}")
 
 
 # ---------------------------------------------------------------------------------------------
-# canonical JSON
+# canonical JSON (defined once in agent.protocol._json; here it raises MessageError)
 # ---------------------------------------------------------------------------------------------
 def canonical_json(value: object, *, message: str = "message") -> bytes:
     """Canonical JSON bytes: sorted keys, ``,``/``:`` separators, UTF-8, NaN/Infinity refused.
@@ -87,25 +87,9 @@ def canonical_json(value: object, *, message: str = "message") -> bytes:
         MessageError: the value holds NaN/Infinity, a lone surrogate, or a non-JSON type.
     """
     try:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-        return text.encode("utf-8")
-    except (ValueError, TypeError, UnicodeEncodeError) as exc:
-        raise MessageError("<root>", "JSON-encodable data (no NaN, no lone surrogates)",
-                           f"{type(exc).__name__}: {exc}", message=message) from exc
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
+        return _json.canonical_json(value)
+    except _json.JSONError as exc:
+        raise MessageError(exc.where, exc.expected, exc.actual, message=message) from exc
 
 
 def parse_json(raw: bytes, *, message: str = "message", limit: int = MAX_MESSAGE_BYTES) -> Any:
@@ -117,20 +101,10 @@ def parse_json(raw: bytes, *, message: str = "message", limit: int = MAX_MESSAGE
     Raises:
         MessageError: too large, not UTF-8, not strict JSON, or nested too deeply.
     """
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise MessageError("<root>", "bytes", type(raw).__name__, message=message)
-    if len(raw) > limit:
-        raise MessageError("<root>", f"at most {limit} bytes", f"{len(raw)} bytes",
-                           message=message)
     try:
-        data = json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant,
-                          object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        # JSONDecodeError is a ValueError; so are the int-digits limit and our hooks' errors
-        raise MessageError("<root>", "strict UTF-8 JSON", f"{type(exc).__name__}: {exc}",
-                           message=message) from exc
-    canonical_json(data, message=message)  # lone surrogates ("\ud800") would fail only later
-    return data
+        return _json.parse_json(raw, limit=limit)
+    except _json.JSONError as exc:
+        raise MessageError(exc.where, exc.expected, exc.actual, message=message) from exc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,17 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import PRECISIONS, RUNTIMES
+from agent.protocol._errors import ProtocolError
+from agent.protocol.manifest import PLAIN_NAME_RULE, PRECISIONS, RUNTIMES, is_plain_name
 
 __all__ = [
     "ARCHES",
     "PROFILE_PRECISIONS",
-    "ProfileError",
-    "UnknownProfileError",
-    "Tolerances",
     "DeviceProfile",
-    "parse_profile",
+    "ProfileError",
+    "Tolerances",
+    "UnknownProfileError",
     "load_profiles",
+    "parse_profile",
 ]
 
 ARCHES = ("aarch64", "armv7l", "x86_64")
@@ -45,7 +46,7 @@ _FIELDS = {
 }
 
 
-class ProfileError(ValueError):
+class ProfileError(ProtocolError):
     """A profile file is malformed; names the file and field, expected against actual."""
 
     def __init__(self, source: str, fld: str, expected: str, actual: object) -> None:
@@ -53,7 +54,7 @@ class ProfileError(ValueError):
         super().__init__(f"profile {source}: field {fld!r}: expected {expected}, got {actual!r}")
 
 
-class UnknownProfileError(LookupError):
+class UnknownProfileError(ProtocolError, LookupError):
     """No profile of that name; lists the valid ones."""
 
     def __init__(self, name: str, known: Iterable[str]) -> None:
@@ -117,8 +118,8 @@ def parse_profile(data: Mapping[str, Any], source: str = "<memory>") -> DevicePr
     if unknown:
         raise ProfileError(source, unknown[0], "one of " + ", ".join(sorted(_FIELDS)), "unknown")
     name = _need(d, "name", str, source)
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise ProfileError(source, "name", "letters, digits, '-', '_' or '.'", name)
+    if not is_plain_name(name):  # it becomes a path on the device and part of TUF target names
+        raise ProfileError(source, "name", PLAIN_NAME_RULE, name)
     arch = _need(d, "arch", str, source)
     if arch not in ARCHES:
         raise ProfileError(source, "arch", "one of " + ", ".join(ARCHES), arch)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PROVISIONING_VERSION", "ProvisioningError", "Provisioning"]
+__all__ = ["PROVISIONING_VERSION", "Provisioning", "ProvisioningError"]
 
 PROVISIONING_VERSION = 1
 

@@ -12,7 +12,8 @@ bytes, trusted keys, its own id, the last sequence it applied and ``now`` in; a
 keys rotate by trusting old and new on the devices, signing with the new one (or both, while
 devices still trust only the old), then dropping the old.
 
-Errors (all ``ValueError``; split by who is at fault)::
+Errors (all :class:`agent.protocol.ProtocolError`, so ``ValueError``; split by who is at
+fault)::
 
     DesiredStateRejected        the envelope must not be applied (hostile, stale or broken)
     ├── MalformedEnvelope       not the envelope shape, or the state inside is invalid
@@ -34,6 +35,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
+from agent.protocol._errors import ProtocolError
 from agent.protocol.messages import (
     MAX_MESSAGE_BYTES,
     DesiredState,
@@ -82,7 +84,7 @@ PublicKeyLike = Union["Ed25519PublicKey", bytes]  # a key, or its 32 raw bytes
 # ---------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------
-class DesiredStateRejected(ValueError):
+class DesiredStateRejected(ProtocolError):
     """A received desired-state envelope must not be applied."""
 
 
@@ -150,7 +152,7 @@ class Expired(DesiredStateRejected):
                          f"({now}; {now - expires_at} s ago)")
 
 
-class KeyFormatError(ValueError):
+class KeyFormatError(ProtocolError):
     """A configured key is not an Ed25519 key in the expected form."""
 
 

@@ -16,7 +16,8 @@ wildcards. The server user may do anything under ``edgefleet/v1/``. :func:`may_a
 rule for the embedded broker; :func:`mosquitto_acl` renders the same rule as a Mosquitto
 ``acl_file`` with ``%u`` patterns.
 
-Errors: :class:`TopicError` (a ``ValueError``) for a topic or device id that is not ours.
+Errors: :class:`TopicError` (an :class:`agent.protocol.ProtocolError`, so a ``ValueError``) for
+a topic or device id that is not ours.
 Pure: standard library only.
 """
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import re
 from typing import TypeGuard
+
+from agent.protocol._errors import ProtocolError
 
 __all__ = [
     "DEVICES_PREFIX",
@@ -63,7 +66,7 @@ DEVICE_ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 
 
-class TopicError(ValueError):
+class TopicError(ProtocolError):
     """A topic or device id is not one of ours. Names the thing, expected against actual."""
 
     def __init__(self, what: str, expected: str, actual: object) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from agent.errors import InputRejected, RuntimeLoadError
 from agent.protocol.manifest import TensorSpec
 
-__all__ = ["LoadedModel", "Runtime", "OnnxRuntime", "check_feeds", "runtime_for"]
+__all__ = ["LoadedModel", "OnnxRuntime", "Runtime", "check_feeds", "runtime_for"]
 
 
 class LoadedModel(Protocol):
@@ -91,7 +91,7 @@ class _OnnxModel:
             values = self.session.run(names, dict(feeds))
         except Exception as exc:  # seam: onnxruntime's Fail/InvalidArgument/RuntimeException
             raise RuntimeLoadError(f"onnxruntime failed: {exc}") from exc
-        return dict(zip(names, values))
+        return dict(zip(names, values, strict=True))
 
     def close(self) -> None:
         self.session = None

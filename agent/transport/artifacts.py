@@ -25,7 +25,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 from agent.errors import ArtifactError, TransportError
 from agent.protocol.provisioning import Provisioning
 
-__all__ = ["AuthFetcher", "ArtifactFetcher"]
+__all__ = ["ArtifactFetcher", "AuthFetcher"]
 
 
 class AuthFetcher(FetcherInterface):
@@ -117,7 +117,7 @@ class ArtifactFetcher:
             return Path(cached or updater.download_target(info, str(local)))
         except ArtifactError:
             raise
-        except (tuf_exc.DownloadHTTPError,) as exc:
+        except tuf_exc.DownloadHTTPError as exc:
             if exc.status_code in (401, 403, 404):
                 raise ArtifactError(f"server refused {target_path!r}: HTTP "
                                     f"{exc.status_code}") from exc

@@ -27,7 +27,7 @@ from agent.protocol.messages import Status
 from agent.protocol.provisioning import Provisioning
 from agent.protocol.topics import device_topic, parse_topic
 
-__all__ = ["LinkEvent", "DeviceLink"]
+__all__ = ["DeviceLink", "LinkEvent"]
 
 log = logging.getLogger(__name__)
 

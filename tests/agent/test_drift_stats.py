@@ -195,7 +195,7 @@ def test_js_known_values(ref: list[float], live: list[float], expected: float) -
 
 
 def test_js_hand_value_is_what_we_think() -> None:
-    assert _JS_HALF == pytest.approx(0.311278, abs=1e-6)
+    assert pytest.approx(0.311278, abs=1e-6) == _JS_HALF
 
 
 @pytest.mark.parametrize("seed", range(10), ids=[f"seed-{s}" for s in range(10)])

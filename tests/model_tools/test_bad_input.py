@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.protocol.manifest import Manifest
 from device_profiles import PROFILE_DIR
 from model_tools.cli import cli
 
@@ -45,14 +46,14 @@ def _weights(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(4, 3)).astype(np.float32)
 
 
-def tiny_classifier(seed: int = 0) -> onnx.ModelProto:
-    """float32 x[N, 4] -> MatMul(W[4, 3]) -> Softmax -> probs[N, 3]."""
+def tiny_classifier(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+    """float32 x[N, 4] -> MatMul(W[4, 3]) -> Softmax -> probs[N, 3] (``batch`` = N)."""
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["logits"], name="matmul"),
          helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax")],
         "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, 3])],
         [numpy_helper.from_array(_weights(seed), "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -93,6 +94,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     p["good"] = d / "tiny.onnx"
     onnx.save_model(tiny_classifier(), p["good"])
     raw = p["good"].read_bytes()
+
+    p["fixed_batch"] = d / "fixed_batch.onnx"
+    onnx.save_model(tiny_classifier(batch=1), p["fixed_batch"])
 
     p["random"] = d / "random.onnx"
     p["random"].write_bytes(np.random.default_rng(2).bytes(300))
@@ -287,6 +291,13 @@ CONVERT_CASES: dict[str, Bad] = {
         ("@good", "--profile", "rpi4"), 1, ("is not empty", "--force"), out="bundle"),
     "out-is-a-file": Bad(
         ("@good", "--profile", "rpi4"), 1, ("exists and is not a directory",), out="file"),
+    # names that become paths on the device and TUF target names
+    "version-is-a-parent-dir": Bad(
+        ("@good", "--profile", "rpi4", "--version", ".."), 1,
+        ("version '..' cannot be used", "expected a plain name", "not starting with '.'")),
+    "name-with-a-space": Bad(
+        ("@good", "--profile", "rpi4", "--name", "my model"), 1,
+        ("model name 'my model' cannot be used", "expected a plain name")),
     # usage
     "usage-missing-profile": Bad(("@good",), 2, ("Missing option '--profile'",)),
     "usage-unknown-precision": Bad(
@@ -405,6 +416,20 @@ def test_over_size_budget_is_refused_with_a_report(via: str, ws: dict[str, Path]
     assert "is not a bundle: no manifest.json" in said and "status 'rejected'" in said
 
 
+def test_fixed_batch_model_gets_golden_tensors_its_spec_accepts(ws: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """A model taking exactly one sample: golden I/O is one sample, which the manifest checks
+    against the declared [1, 4] -> [1, 3] (it used to be 8 samples, refused as a manifest)."""
+    out = tmp_path / "bundle"
+    result = _cli(["convert", str(ws["fixed_batch"]), "--profile", "rpi4", "--out", str(out),
+                   "--precision", "fp32", "--calibration", str(ws["cal"]), *OK_RUNS])
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.from_bytes((out / "manifest.json").read_bytes())
+    assert manifest.inputs[0].shape == (1, 4)
+    assert manifest.golden.inputs["x"].shape == (1, 4)
+    assert manifest.golden.outputs["probs"].shape == (1, 3)
+
+
 def test_external_data_model_becomes_one_self_contained_file(ws: dict[str, Path],
                                                              tmp_path: Path) -> None:
     out = tmp_path / "bundle"
@@ -507,7 +532,7 @@ INSPECT_CASES: dict[str, Inspect] = {
         _edit_manifest(lambda m: m["file"].update(length="225")), 1,
         ("manifest.json", "field 'file.length'", "expected an integer")),
     "manifest-truncated": Inspect(
-        _truncate_manifest, 1, ("manifest.json", "expected UTF-8 JSON", "JSONDecodeError")),
+        _truncate_manifest, 1, ("manifest.json", "expected strict UTF-8 JSON", "JSONDecodeError")),
     "model-file-missing": Inspect(
         _remove_model, 1, ("model file 'model.onnx' named by the manifest is missing",)),
     "not-a-bundle-file": Inspect(

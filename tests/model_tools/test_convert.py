@@ -92,7 +92,7 @@ def test_golden_outputs_replay_on_the_bundle(converted, model: str) -> None:
     feeds = {k: np.frombuffer(t.data, dtype=t.dtype).reshape(t.shape)
              for k, t in m.golden.inputs.items()}
     outs = _session(result.bundle / "model.onnx").run(list(m.golden.outputs), feeds)
-    for (name, want), got in zip(m.golden.outputs.items(), outs):
+    for (name, want), got in zip(m.golden.outputs.items(), outs, strict=True):
         expected = np.frombuffer(want.data, dtype=want.dtype).reshape(want.shape)
         np.testing.assert_allclose(got, expected, atol=m.golden.atol, rtol=m.golden.rtol,
                                    err_msg=name)

@@ -1,0 +1,130 @@
+"""Strict, canonical JSON for every wire format (private): the ONE definition.
+
+:mod:`agent.protocol.manifest` and :mod:`agent.protocol.messages` (and through it
+:mod:`agent.protocol.signed`) read and write JSON only through these functions. They raise the
+neutral :class:`JSONError`; each public module translates it into its own error
+(``ManifestError``, ``MessageError``) with ``raise ... from exc``, so a caller never sees a
+``JSONError``. Pure: standard library only.
+
+- :func:`canonical_json`: sorted keys, ``,``/``:`` separators, UTF-8 (not ``\\u``-escaped),
+  NaN/Infinity refused. The same value always gives the same bytes.
+- :func:`parse_json`: untrusted bytes in, refusing oversize input before looking at it, and
+  anything :func:`canonical_json` could not write back (NaN, Infinity, lone surrogates), plus
+  duplicate keys, integers over Python's digit limit and nesting past the recursion limit.
+- :func:`copy_json`: a deep copy of JSON data that refuses anything else (so a frozen
+  object never shares, and never holds, what its caller may still change).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["MAX_COPY_DEPTH", "JSONError", "canonical_json", "copy_json", "parse_json"]
+
+#: how deep :func:`copy_json` follows nested objects and arrays
+MAX_COPY_DEPTH = 100
+
+
+class JSONError(Exception):
+    """Neutral JSON failure; translated by the public module that called us.
+
+    ``where`` is ``"<root>"`` for the whole document, else a path relative to the copied
+    value (``""``, ``".key"``, ``"[3].key"``) that the caller prefixes with its field name.
+    """
+
+    def __init__(self, expected: str, actual: str, where: str = "<root>") -> None:
+        self.expected = expected
+        self.actual = actual
+        self.where = where
+        super().__init__(f"{where}: expected {expected}, got {actual}")
+
+
+def canonical_json(value: object) -> bytes:
+    """Canonical JSON bytes: sorted keys, ``,``/``:`` separators, UTF-8, NaN/Infinity refused.
+
+    Raises:
+        JSONError: the value holds NaN/Infinity, a lone surrogate, a non-JSON type, an int
+            over Python's digit limit, or nests past the recursion limit.
+    """
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+        return text.encode("utf-8")
+    except (ValueError, TypeError, UnicodeEncodeError, RecursionError) as exc:
+        raise JSONError("JSON-encodable data (no NaN, no lone surrogates)",
+                        f"{type(exc).__name__}: {exc}") from exc
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json(raw: bytes, *, limit: int) -> Any:
+    """Parse untrusted JSON bytes, refusing input over ``limit`` bytes before looking at it.
+
+    Strict: UTF-8 only, no NaN/Infinity, no duplicate keys, no lone surrogates (so the result
+    can always be written back by :func:`canonical_json`).
+
+    Raises:
+        JSONError: not bytes, too large, not UTF-8, not strict JSON, or nested too deeply.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise JSONError("bytes", type(raw).__name__)
+    if len(raw) > limit:
+        raise JSONError(f"at most {limit} bytes", f"{len(raw)} bytes")
+    try:
+        data = json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant,
+                          object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # JSONDecodeError is a ValueError; so are the int-digits limit and our hooks' errors
+        raise JSONError("strict UTF-8 JSON", f"{type(exc).__name__}: {exc}") from exc
+    canonical_json(data)  # lone surrogates ("\ud800") would otherwise fail only later
+    return data
+
+
+def copy_json(value: object, *, max_depth: int = MAX_COPY_DEPTH) -> Any:
+    """A deep copy of JSON data: mappings become dicts, lists and tuples become lists.
+
+    Raises:
+        JSONError: a value is not JSON (a non-string key, NaN/Infinity, another type), or
+            objects and arrays nest deeper than ``max_depth``; ``where`` says where.
+    """
+    return _copy(value, "", max_depth, max_depth)
+
+
+def _copy(value: object, where: str, depth: int, max_depth: int) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)  # an IntEnum or other subclass becomes the plain number it writes
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise JSONError("a finite number (JSON has no NaN/Infinity)", repr(value), where)
+        return float(value)
+    if depth <= 0:
+        raise JSONError(f"at most {max_depth} levels of nesting", "deeper nesting", where)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise JSONError("string keys", repr(key), where)
+            out[key] = _copy(item, f"{where}.{key}", depth - 1, max_depth)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_copy(item, f"{where}[{i}]", depth - 1, max_depth) for i, item in enumerate(value)]
+    raise JSONError("JSON data (object, array, string, number, boolean or null)",
+                    type(value).__name__, where)

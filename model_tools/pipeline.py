@@ -15,6 +15,7 @@ The steps, in order (each reported through ``progress``):
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import tempfile
 from collections.abc import Callable
@@ -49,6 +50,7 @@ __all__ = ["ConvertRequest", "ConvertResult", "Progress", "convert", "tool_versi
 
 Progress = Callable[[str], None]
 SYNTHETIC_SAMPLES = 64
+_AA = "source (A/A)"
 GOLDEN_SAMPLES = 8
 #: raw bytes the golden tensors may take: base64 grows them by 4/3, to half the manifest limit
 GOLDEN_BUDGET_BYTES = MAX_MANIFEST_BYTES * 3 // 8
@@ -164,7 +166,10 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
         work = Path(work_s)
         source_path = work / "source.onnx"
         source_size = save_model(loaded.model, source_path)
-        src_sess = evaluate.open_session(source_path, profile.threads)
+        # never time with more threads than the build host has: oversubscribed cores turn
+        # p95 into scheduler noise (the device runs the profile's own thread count)
+        threads = min(profile.threads, os.cpu_count() or 1)
+        src_sess = evaluate.open_session(source_path, threads)
         progress(f"running the source model on {validation.samples} {validation.source} "
                  "samples")
         src_out = evaluate.run_all(src_sess, validation.inputs, fixed)
@@ -187,7 +192,7 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
                 variant = build_variant(precision, source_path, work,
                                         calibration=calibration.inputs if calibration else None,
                                         fixed_batch=fixed)
-                sess = evaluate.open_session(variant.path, profile.threads)
+                sess = evaluate.open_session(variant.path, threads)
                 progress(f"validating {precision}")
                 art_out = evaluate.run_all(sess, validation.inputs, fixed)
             except ConversionError as exc:
@@ -207,10 +212,16 @@ def convert(req: ConvertRequest, progress: Progress = lambda _msg: None) -> Conv
                 notes=tuple(variant.notes),
             ))
 
+        # a second session of the very same source model: its p50 against the first is this
+        # host's own noise in this run (an A/A test), which sets how tight the gate can be
+        sessions[_AA] = evaluate.open_session(source_path, threads)
         progress(f"timing {len(sessions)} models ({req.latency_runs} runs each)")
         lat = evaluate.measure_latency(sessions, validation.inputs, runs=req.latency_runs)
         measured = [_with_latency(m, lat.get(m.precision)) for m in measured]
-        decision = policy.decide(measured, profile, lat["source"].p50_ms)
+        src_p50 = lat["source"].p50_ms
+        noise = abs(lat[_AA].p50_ms / src_p50 - 1.0) if src_p50 > 0 else 0.0
+        gate = policy.LatencyGate(source_p50_ms=src_p50, noise=noise, auto=auto)
+        decision = policy.decide(measured, profile, gate)
 
         report = _report(req, loaded, validation, task, scores, source_size, lat, decision,
                          auto, now, source_accuracy)
@@ -328,6 +339,7 @@ def _report(req: ConvertRequest, loaded: Any, validation: Dataset, task: str,
             "max_artifact_bytes": req.profile.max_artifact_bytes,
             "checks": [c.__dict__ for c in chosen.checks] if chosen else [],
             "host_providers": ["CPUExecutionProvider"],
+            "host_threads": min(req.profile.threads, os.cpu_count() or 1),
             "profile_providers": list(req.profile.execution_providers),
             "passed": chosen is not None,
         },

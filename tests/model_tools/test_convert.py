@@ -82,7 +82,9 @@ def test_every_cpu_profile_gets_an_accurate_small_bundle(converted, model: str,
     assert len(chosen) == 1 and chosen[0]["precision"] == manifest.precision
     gate = manifest.validation["latency_gate"]
     limit = gate["source_p50_ms"] * gate["ratio"] + gate["slack_ms"]
+    assert gate["limit_ms"] == pytest.approx(limit)
     assert chosen[0]["p50_ms"] <= limit
+    assert gate["mode"] == ("auto" if prof.precision == "auto" else "fixed")
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -7,7 +7,14 @@ import dataclasses
 import pytest
 
 from agent.protocol.profiles import DeviceProfile, Tolerances
-from model_tools.policy import LATENCY_RATIO, LATENCY_SLACK_MS, Measured, decide
+from model_tools.policy import (
+    FIXED_MAX_SLOWDOWN,
+    LATENCY_SLACK_MS,
+    MIN_NOISE_RATIO,
+    LatencyGate,
+    Measured,
+    decide,
+)
 
 PROFILE = DeviceProfile(
     name="test", description="", arch="aarch64", memory_mb=1024, runtime="onnxruntime",
@@ -17,6 +24,7 @@ PROFILE = DeviceProfile(
     tolerances=Tolerances(min_top1_agreement=0.98, max_accuracy_drop=0.01, max_abs_error=0.1),
 )
 SRC_P50 = 1.0
+AUTO = LatencyGate(source_p50_ms=SRC_P50, noise=0.0, auto=True)
 
 
 def m(precision: str, size: int, *, agree: float = 1.0, delta: float = 0.0, err: float = 0.0,
@@ -31,8 +39,12 @@ SCENARIOS = [
     ("slow-int8-is-caught", [m("int8-dynamic", 240, p50=3.5), m("int8-static", 250), FP32],
      "int8-static", {"int8-dynamic": "latency"}),
     ("within-timer-noise-is-not-slower",
-     [m("int8-static", 250, p50=SRC_P50 * LATENCY_RATIO + LATENCY_SLACK_MS - 1e-6), FP32],
-     "int8-static", {}),
+     [m("int8-static", 250, p50=SRC_P50 * (1 + MIN_NOISE_RATIO) + LATENCY_SLACK_MS - 1e-6),
+      FP32], "int8-static", {}),
+    ("ten-percent-slower-is-slower", [m("int8-dynamic", 240, p50=SRC_P50 * 1.10), FP32],
+     "fp32", {"int8-dynamic": "latency"}),
+    ("over-the-device-budget", [m("int8-static", 250, p50=11.0), FP32], "fp32",
+     {"int8-static": "latency_budget"}),
     ("agreement-too-low", [m("int8-static", 250, agree=0.9), FP32], "fp32",
      {"int8-static": "top1_agreement"}),
     ("accuracy-drop-too-big", [m("int8-static", 250, delta=-0.05), FP32], "fp32",
@@ -52,7 +64,7 @@ SCENARIOS = [
 @pytest.mark.parametrize(("candidates", "winner", "reasons"),
                          [(c, w, r) for _, c, w, r in SCENARIOS], ids=[s[0] for s in SCENARIOS])
 def test_decide(candidates: list[Measured], winner: str | None, reasons: dict[str, str]) -> None:
-    decision = decide(candidates, PROFILE, SRC_P50)
+    decision = decide(candidates, PROFILE, AUTO)
     assert (decision.chosen.measured.precision if decision.chosen else None) == winner
     assert decision.rejected == (winner is None)
     by_name = {j.measured.precision: j for j in decision.judged}
@@ -64,20 +76,44 @@ def test_decide(candidates: list[Measured], winner: str | None, reasons: dict[st
 
 
 def test_reasons_state_value_and_limit() -> None:
-    decision = decide([m("int8-static", 250, agree=0.9)], PROFILE, SRC_P50)
+    decision = decide([m("int8-static", 250, agree=0.9)], PROFILE, AUTO)
     (reason,) = decision.judged[0].reasons
     assert reason == "top1_agreement 0.9 (limit >= 0.98)"
 
 
 def test_no_latency_gate_without_a_source_timing() -> None:
-    decision = decide([m("int8-static", 250, p50=50.0)], PROFILE, None)
+    decision = decide([m("int8-static", 250, p50=5.0)], PROFILE, None)
     assert decision.chosen is not None
-    assert "source_p50_ms" not in decision.latency_gate
+    assert decision.latency_gate == {}
+
+
+GATES = [
+    ("quiet-host-auto", 0.0, True, 1 + MIN_NOISE_RATIO),
+    ("noisy-host-auto-widens", 0.08, True, 1.16),
+    ("fixed-only-refuses-gross", 0.0, False, FIXED_MAX_SLOWDOWN),
+    ("fixed-very-noisy-host", 0.4, False, 1.8),
+]
+
+
+@pytest.mark.parametrize(("noise", "auto", "ratio"), [g[1:] for g in GATES],
+                         ids=[g[0] for g in GATES])
+def test_gate_ratio_follows_the_measured_noise(noise: float, auto: bool, ratio: float) -> None:
+    gate = LatencyGate(source_p50_ms=2.0, noise=noise, auto=auto)
+    assert gate.ratio == pytest.approx(ratio)
+    assert gate.limit_ms == pytest.approx(2.0 * ratio + LATENCY_SLACK_MS)
+    assert gate.to_dict()["mode"] == ("auto" if auto else "fixed")
+
+
+def test_fixed_precision_tolerates_a_modest_slowdown_but_not_a_gross_one() -> None:
+    fixed = LatencyGate(source_p50_ms=SRC_P50, noise=0.0, auto=False)
+    assert decide([m("int8-static", 250, p50=1.3)], PROFILE, fixed).chosen is not None
+    refused = decide([m("int8-dynamic", 240, p50=3.8)], PROFILE, fixed)
+    assert refused.rejected and "latency" in refused.judged[0].reasons[0]
 
 
 def test_no_candidates_is_a_programmer_error() -> None:
     with pytest.raises(ValueError):
-        decide([], PROFILE, 1.0)
+        decide([], PROFILE, AUTO)
 
 
 def test_measured_is_frozen() -> None:

@@ -61,6 +61,13 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _gate_text(gate: Mapping[str, Any]) -> str:
+    if not gate:
+        return ""
+    return (f"\nlatency gate: p50 <= {gate['limit_ms']:.3f} ms ({gate['mode']}, x{gate['ratio']:.2f}"
+            f"; this host's A/A noise {gate['noise']:.1%})")
+
+
 def candidates_table(report: Mapping[str, Any]) -> None:
     """The candidates as a table: size, agreement, accuracy delta, p50, verdict."""
     src = report["validation"]["latency_ms"]["source"]
@@ -68,7 +75,7 @@ def candidates_table(report: Mapping[str, Any]) -> None:
                         f"(source p50 {src['p50']:.3f} ms, "
                         f"{report['validation']['source_size_bytes']:,} bytes; validated on "
                         f"{report['validation']['samples']} {report['validation']['data_source']}"
-                        " samples)")
+                        f" samples){_gate_text(report['validation'].get('latency_gate') or {})}")
     for col in ("precision", "size", "x smaller", "top-1 agree", "acc. delta", "max abs err",
                 "p50 ms", "verdict"):
         table.add_column(col, justify="left" if col in ("precision", "verdict") else "right")

@@ -306,6 +306,9 @@ def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | 
         except ImportError as exc:
             raise FleetError(f"the admin API cannot be loaded: {exc}") from exc
         app = create_app(settings)
+        from fleet_server.runtime import attach_mqtt
+
+        attach_mqtt(app)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
 
 
@@ -414,26 +417,10 @@ def _emit_local(as_json: bool, data: Any, lines: Callable[[], Sequence[str]]) ->
 
 
 def _server_mqtt_secret(data_dir: Path) -> tuple[str, Path]:
-    """The server's MQTT password from DATA_DIR/mqtt/server.secret, created (0600) if absent.
+    """The server's MQTT password (created 0600 if absent) and where it lives."""
+    from fleet_server.fleet import server_mqtt_secret
 
-    Raises:
-        StoreError: the file is readable by others or empty.
-        OSError: it cannot be read or written.
-    """
-    from fleet_server.errors import StoreError
-    from fleet_server.mqtt.passwords import generate_password
-
-    path = data_dir / "mqtt" / "server.secret"
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        _write_private_atomically(path, (generate_password() + "\n").encode(), replace=False)
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise StoreError(f"{path} is readable by others (mode {mode:o}); expected 0600")
-    secret = path.read_text(encoding="utf-8").strip()
-    if not secret:
-        raise StoreError(f"{path} is empty; delete it to have a new password generated")
-    return secret, path
+    return server_mqtt_secret(data_dir), data_dir / "mqtt" / "server.secret"
 
 
 def _write_mosquitto(data_dir: Path, out: Path, host: str, port: int, tls: Any,

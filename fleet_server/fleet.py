@@ -15,6 +15,7 @@ global.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -32,8 +33,8 @@ from fleet_server.errors import Conflict, InvalidInput, StoreError
 from fleet_server.settings import Settings
 from fleet_server.tuf_repo import TufRepository
 
-__all__ = ["LAYOUT_VERSION", "Publisher", "Fleet", "init_data_dir", "open_fleet",
-           "load_director_key"]
+__all__ = ["LAYOUT_VERSION", "Fleet", "Publisher", "init_data_dir", "load_director_key",
+           "open_fleet", "server_mqtt_secret"]
 
 LAYOUT_VERSION = 1
 
@@ -70,6 +71,33 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+
+
+def server_mqtt_secret(data_dir: Path) -> str:
+    """The server's MQTT password from ``<data_dir>/mqtt/server.secret``, created if absent.
+
+    Only its hash ever reaches a broker's password file; the file itself is 0600.
+
+    Raises:
+        StoreError: the file is readable by others, empty, or cannot be read/written.
+    """
+    import secrets as _secrets
+
+    path = data_dir / "mqtt" / "server.secret"
+    try:
+        if not path.exists():
+            # another process may create it first: then read theirs below
+            with contextlib.suppress(FileExistsError):
+                _write_private(path, (_secrets.token_urlsafe(32) + "\n").encode())
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise StoreError(f"{path} is readable by others (mode {mode:o}); expected 0600")
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise StoreError(f"cannot read or create {path}: {exc}") from exc
+    if not secret:
+        raise StoreError(f"{path} is empty; delete it to have a new password generated")
+    return secret
 
 
 def load_director_key(data_dir: Path) -> tuple[Any, str]:

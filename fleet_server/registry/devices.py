@@ -21,11 +21,12 @@ from agent.protocol.topics import DEVICE_ID_PATTERN, is_valid_device_id
 from fleet_server import audit, auth
 from fleet_server.auth import Principal
 from fleet_server.db import tables
+from fleet_server.deploy.service import refresh_desired
 from fleet_server.errors import Conflict, InvalidInput, NotFound
 from fleet_server.fleet import Fleet
 
-__all__ = ["Provisioned", "provision", "list_devices", "get_device", "revoke", "device_dict",
-           "mqtt_public_url", "TAG_PATTERN"]
+__all__ = ["TAG_PATTERN", "Provisioned", "credential_hash", "device_dict", "get_device",
+           "list_devices", "mqtt_credentials", "mqtt_public_url", "provision", "revoke"]
 
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$"
 
@@ -62,6 +63,9 @@ def provision(fleet: Fleet, conn: Connection, *, device_id: str, profile: str,
               tags: Sequence[str], actor: Principal) -> Provisioned:
     """Register a device and return its provisioning file (with secrets, shown once).
 
+    Signs the device's first desired state at once when an active deployment selects it (it is
+    then pending publication: call ``deploy.service.publish_pending`` after the commit).
+
     Raises:
         InvalidInput: bad device id, unknown profile, bad tag.
         Conflict: the device id is taken (also by a revoked device: ids are never reused).
@@ -87,6 +91,8 @@ def provision(fleet: Fleet, conn: Connection, *, device_id: str, profile: str,
     audit.record(conn, at=now, actor=actor.actor, action="device.provision",
                  target=f"device:{device_id}",
                  after={"profile": profile, "tags": list(clean_tags)})
+    # a deployment stored earlier may already select this device (by tag, profile or all)
+    refresh_desired(fleet, conn)
     base = fleet.settings.base_url
     prov = Provisioning(
         device_id=device_id, profile=profile, mqtt_url=mqtt_public_url(fleet),
@@ -169,3 +175,10 @@ def credential_hash(conn: Connection, username: str) -> str | None:
     if row is None or row.revoked_at is not None:
         return None
     return str(row.mqtt_password_hash)
+
+
+def mqtt_credentials(conn: Connection) -> dict[str, str]:
+    """username -> stored hash for every live device (for a broker's password file)."""
+    rows = conn.execute(select(tables.devices.c.id, tables.devices.c.mqtt_password_hash).where(
+        tables.devices.c.revoked_at.is_(None))).all()
+    return {r.id: r.mqtt_password_hash for r in rows}

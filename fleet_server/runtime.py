@@ -1,0 +1,218 @@
+"""The server's MQTT side, attached to the app by ``serve``: broker, link, ingest, publishing.
+
+- With ``mqtt_url = "embedded"`` an amqtt broker starts in this process (no root, no external
+  service), checking every CONNECT against the device table (revoked devices are refused) and
+  every publish/subscribe against the per-device ACL. Otherwise the server connects to the
+  broker named by ``mqtt_url`` (Mosquitto is the tested one; see ``mosquitto-config``).
+- The server's own MQTT password lives in ``<data_dir>/mqtt/server.secret`` (0600).
+- Incoming ``reported``/``status``/``telemetry``/``drift`` messages are stored by
+  :func:`fleet_server.ingest.handle_message` on ONE worker thread (in arrival order, one SQLite
+  writer), and acks are published back.
+- Desired states go out through :class:`LinkPublisher` (retained, QoS 1, PUBACK awaited).
+- A maintenance loop re-signs the TUF timestamp before it expires, re-signs desired states
+  near expiry, and publishes anything still pending (after a broker outage, say).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from fleet_server.db import atomic
+from fleet_server.deploy.service import publish_pending, refresh_desired
+from fleet_server.errors import BrokerError, FleetError
+from fleet_server.fleet import Fleet, server_mqtt_secret
+from fleet_server.ingest import handle_message
+from fleet_server.settings import SERVER_MQTT_USER
+
+__all__ = ["LinkPublisher", "MqttRuntime", "attach_mqtt"]
+
+log = logging.getLogger(__name__)
+
+
+class LinkPublisher:
+    """The :class:`fleet_server.fleet.Publisher` over the server's MQTT link."""
+
+    def __init__(self, link: Any) -> None:
+        self._link = link
+
+    def publish_desired(self, device_id: str, envelope: bytes) -> None:
+        from agent.protocol.topics import desired_topic
+
+        self._publish(desired_topic(device_id), envelope, retain=True)
+
+    def publish_ack(self, device_id: str, payload: bytes) -> None:
+        from agent.protocol.topics import ack_topic
+
+        self._publish(ack_topic(device_id), payload, retain=False)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        try:
+            self._link.publish(topic, payload, retain=retain)
+        except FleetError as exc:
+            raise BrokerError(f"publish to {topic} failed: {exc}") from exc
+
+
+class _DbCredentials:
+    """CredentialStore for the embedded broker: the server user, then live devices."""
+
+    def __init__(self, fleet: Fleet, server_hash: str) -> None:
+        self._fleet = fleet
+        self._server_hash = server_hash
+
+    def lookup(self, username: str) -> str | None:
+        if username == SERVER_MQTT_USER:
+            return self._server_hash
+        from fleet_server.registry.devices import credential_hash
+
+        with atomic(self._fleet.engine) as conn:
+            return credential_hash(conn, username)
+
+
+class MqttRuntime:
+    def __init__(self, fleet: Fleet, *, maintenance_interval_s: float = 30.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.fleet = fleet
+        self.broker: Any = None
+        self.link: Any = None
+        self._interval = maintenance_interval_s
+        self._clock = clock or fleet.clock
+        self._task: asyncio.Task[None] | None = None
+        self._ingest_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgefleet-ingest")
+        self.ingested = 0
+
+    async def start(self) -> None:
+        """Start the broker (embedded) and the link; subscribe; publish what is pending.
+
+        Raises:
+            BrokerError: the broker cannot be started or reached, or refused us.
+        """
+        from agent.protocol.topics import server_subscriptions
+        from fleet_server.mqtt.link import LinkConfig, ServerLink
+        from fleet_server.mqtt.passwords import hash_password
+
+        settings = self.fleet.settings
+        secret = server_mqtt_secret(settings.data_dir)
+        loop = asyncio.get_running_loop()
+        if settings.mqtt_url == "embedded":
+            from fleet_server.mqtt.broker import EmbeddedBroker
+
+            self.broker = EmbeddedBroker(_DbCredentials(self.fleet, hash_password(secret)),
+                                         server_user=SERVER_MQTT_USER, host=settings.mqtt_host,
+                                         port=settings.mqtt_port)
+            try:
+                await self.broker.start()
+            except (OSError, FleetError) as exc:
+                raise BrokerError(f"embedded MQTT broker cannot start on "
+                                  f"{settings.mqtt_host}:{settings.mqtt_port}: {exc}") from exc
+            self.fleet.extra["mqtt_port"] = self.broker.port
+            url = (f"mqtt://{quote(SERVER_MQTT_USER)}:{quote(secret, safe='')}@"
+                   f"{settings.mqtt_host}:{self.broker.port}")
+            log.info("embedded MQTT broker on %s:%d", settings.mqtt_host, self.broker.port)
+        else:
+            url = settings.mqtt_url
+            parts = urlsplit(url)
+            if parts.password is None:  # the URL names the broker; the secret file the password
+                url = (f"{parts.scheme}://{quote(SERVER_MQTT_USER)}:{quote(secret, safe='')}@"
+                       f"{parts.hostname}:{parts.port or 1883}")
+        try:
+            config = LinkConfig.from_url(url, client_id="edgefleet-server")
+        except ValueError as exc:
+            raise BrokerError(str(exc)) from exc
+        self.link = ServerLink(config, on_message=self._on_message, loop=loop)
+        try:
+            await loop.run_in_executor(None, self.link.connect)
+            await loop.run_in_executor(None, self.link.subscribe, server_subscriptions())
+        except FleetError as exc:
+            await self.stop()
+            raise BrokerError(f"cannot use the MQTT broker: {exc}") from exc
+        self.fleet.publisher = LinkPublisher(self.link)
+        self.fleet.extra["kick"] = self._kick_threadsafe(loop)
+        await loop.run_in_executor(None, publish_pending, self.fleet)
+        self._task = asyncio.create_task(self._maintenance(), name="edgefleet-maintenance")
+
+    def _kick_threadsafe(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """Drop a (revoked) device's live session on the embedded broker, from any thread."""
+        def kick(username: str) -> None:
+            if self.broker is not None:
+                asyncio.run_coroutine_threadsafe(self.broker.disconnect(username), loop)
+        return kick
+
+    def _on_message(self, msg: Any) -> None:
+        """On the event loop thread: hand the message to the single ingest worker."""
+        self._ingest_pool.submit(self._ingest, msg.topic, msg.payload)
+
+    def _ingest(self, topic: str, payload: bytes) -> None:
+        try:
+            result = handle_message(self.fleet, topic, payload, now=int(self._clock()))
+        except FleetError as exc:  # the database failed: the device will resend, unacked
+            log.error("ingest failed for %s: %s", topic[:200], exc)
+            return
+        self.ingested += 1
+        if result.ack_payload is not None and result.device_id and self.fleet.publisher:
+            try:
+                self.fleet.publisher.publish_ack(result.device_id, result.ack_payload)
+            except BrokerError as exc:  # the next batch's ack covers this one
+                log.warning("ack to %s not sent: %s", result.device_id, exc)
+
+    def maintain_once(self) -> dict[str, Any]:
+        """One maintenance pass (also callable from tests with an injected clock)."""
+        fleet = self.fleet
+        refreshed = fleet.repo.refresh_timestamp(fleet.now_dt())
+        with atomic(fleet.engine) as conn:
+            resigned = refresh_desired(fleet, conn)
+        sent = publish_pending(fleet)
+        return {"timestamp_refreshed": refreshed, "resigned": resigned, "published": sent}
+
+    async def _maintenance(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await loop.run_in_executor(None, self.maintain_once)
+            except FleetError as exc:
+                log.error("maintenance pass failed (retrying in %.0fs): %s", self._interval, exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled on purpose
+                await self._task
+            self._task = None
+        self.fleet.publisher = None
+        self.fleet.extra.pop("kick", None)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._ingest_pool.shutdown, True)
+        if self.link is not None:
+            await loop.run_in_executor(None, self.link.close)
+            self.link = None
+        if self.broker is not None:
+            await self.broker.stop()
+            self.broker = None
+
+
+def attach_mqtt(app: Any, **options: Any) -> None:
+    """Run an :class:`MqttRuntime` with the app's lifespan (``app.state.fleet`` must be open
+    when the start-up hook runs)."""
+    holder: dict[str, MqttRuntime] = {}
+
+    async def start(app_: Any) -> None:
+        runtime = MqttRuntime(app_.state.fleet, **options)
+        await runtime.start()
+        holder["runtime"] = runtime
+        app_.state.mqtt = runtime
+
+    async def stop(app_: Any) -> None:
+        runtime = holder.pop("runtime", None)
+        if runtime is not None:
+            await runtime.stop()
+
+    app.state.on_startup_extra.append(start)
+    app.state.on_shutdown_extra.append(stop)
+

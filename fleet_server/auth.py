@@ -14,11 +14,20 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select, update
 
+from fleet_server import audit
 from fleet_server.db import tables
 from fleet_server.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
 
-__all__ = ["SCOPES", "Principal", "create_token", "authenticate", "require", "revoke_token",
-           "hash_secret"]
+__all__ = [
+    "SCOPES",
+    "Principal",
+    "authenticate",
+    "create_token",
+    "hash_secret",
+    "issue_token",
+    "require",
+    "revoke_token",
+]
 
 SCOPES = ("admin", "publisher", "reader", "device")
 _RANK = {"reader": 1, "publisher": 2, "admin": 3}
@@ -59,6 +68,19 @@ def create_token(conn: Connection, *, name: str, scope: str, now: int,
         id=token_id, name=name, scope=scope, secret_sha256=hash_secret(secret),
         device_id=device_id, created_at=now))
     return Principal(token_id, name, scope, device_id), secret
+
+
+def issue_token(conn: Connection, *, name: str, scope: str, now: int,
+                actor: Principal) -> tuple[Principal, str]:
+    """Create a token on behalf of ``actor`` and record it in the audit log.
+
+    Raises:
+        InvalidInput: as :func:`create_token`.
+    """
+    principal, secret = create_token(conn, name=name, scope=scope, now=now)
+    audit.record(conn, at=now, actor=actor.actor, action="token.create",
+                 target=f"token:{principal.token_id}", after={"scope": scope, "name": name})
+    return principal, secret
 
 
 def authenticate(conn: Connection, secret: str | None) -> Principal:

@@ -7,6 +7,7 @@ Layout of ``--data-dir`` (index of on-disk files; cf. STYLE rule 6)::
     tuf/                  TUF repository: keys/ (0700, 0600 PEMs) and public/ (served)
     director/key.pem      Ed25519 key signing desired states (0600)       (since 1)
     director/public.pem   its public half, copied into provisioning files (since 1)
+    uploads/              bundle uploads being received (0700; each deleted after its push)
 
 :class:`Fleet` bundles the engine, the TUF repository, the director key, the device profiles
 and the injected clock. It is built once (``open_fleet``) and passed explicitly; nothing here is

@@ -29,11 +29,19 @@ def make_engine(url: str) -> Engine:
 
             @event.listens_for(engine, "connect")
             def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+                # let SQLAlchemy's "begin" below issue BEGIN itself (pysqlite's own is DEFERRED)
+                dbapi_conn.isolation_level = None
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+                # IMMEDIATE takes the write lock up front: two writers queue on the busy
+                # timeout instead of one failing when its read lock cannot be upgraded
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             engine = create_engine(url, pool_pre_ping=True)
     except (SQLAlchemyError, ValueError, ImportError) as exc:

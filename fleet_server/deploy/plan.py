@@ -12,7 +12,8 @@ Rules:
 - The artifact is always the one built for the device's own profile; a deployment that would
   leave a targeted device without one is refused before it is stored.
 - A device gets a new signed state (sequence + 1) when its model list changes, or when the
-  stored one is within ``refresh_margin`` of expiry.
+  stored one is within ``refresh_margin`` of expiry. A device with no state yet and nothing
+  assigned gets none (no signed "run nothing" before its first deployment).
 """
 
 from __future__ import annotations
@@ -142,9 +143,13 @@ def compute_desired(devices: Sequence[DeviceView], deployments: Sequence[Deploym
 
 def needs_new_state(stored: StoredDesired | None, models: tuple[DesiredModel, ...], now: int,
                     refresh_margin: int) -> bool:
-    """True when a device must get a newly signed state. Pure."""
+    """True when a device must get a newly signed state. Pure.
+
+    A device that never had a state and is assigned nothing gets none: its first signed state
+    (sequence 1) is its first real assignment.
+    """
     if stored is None:
-        return True
+        return bool(models)
     if stored.models != models:
         return True
     return stored.expires_at - now <= refresh_margin

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def load_devices(conn: Connection, *, include_revoked: bool = False) -> list[DeviceView]:
     q = select(tables.devices.c.id, tables.devices.c.profile, tables.devices.c.tags,
-               tables.devices.c.revoked_at)
+               tables.devices.c.revoked_at).order_by(tables.devices.c.id)
     return [DeviceView(r.id, r.profile, frozenset(json.loads(r.tags)))
             for r in conn.execute(q) if include_revoked or r.revoked_at is None]
 
@@ -186,7 +186,8 @@ def publish_pending(fleet: Fleet) -> list[str]:
         pending = conn.execute(select(tables.desired_states.c.device_id,
                                       tables.desired_states.c.sequence,
                                       tables.desired_states.c.envelope).where(
-            tables.desired_states.c.published.is_(False))).all()
+            tables.desired_states.c.published.is_(False))
+            .order_by(tables.desired_states.c.device_id)).all()
     sent = []
     for row in pending:
         try:

@@ -26,7 +26,7 @@ from agent.protocol.manifest import MANIFEST_FILE, MODEL_FILES, Manifest, Manife
 from fleet_server import audit
 from fleet_server.auth import Principal
 from fleet_server.db import tables
-from fleet_server.errors import BundleRejected, Conflict, NotFound, PayloadTooLarge, TrustError
+from fleet_server.errors import BundleRejected, Conflict, NotFound, PayloadTooLarge, TargetError
 from fleet_server.fleet import Fleet
 
 __all__ = ["MAX_MANIFEST_BYTES", "push_bundle", "list_models", "get_version", "artifact_dict",
@@ -157,7 +157,7 @@ def push_bundle(fleet: Fleet, conn: Connection, tar_path: Path, *,
             fleet.repo.add_target(model_target, model_path, now=fleet.now_dt())
             fleet.repo.add_target(manifest_target, Path(tmp) / MANIFEST_FILE,
                                   now=fleet.now_dt())
-        except TrustError as exc:
+        except TargetError as exc:  # the bundle's fault; key/repository faults stay 500
             raise BundleRejected(f"cannot publish the bundle: {exc}") from exc
         try:
             conn.execute(insert(tables.artifacts).values(
@@ -174,6 +174,10 @@ def push_bundle(fleet: Fleet, conn: Connection, tar_path: Path, *,
                      target=f"model:{manifest.name}/{manifest.version}/{manifest.profile}",
                      after={"sha256": manifest.file.sha256, "length": manifest.file.length,
                             "precision": manifest.precision})
+    # a deployment may already select devices of this profile that had nothing to run
+    from fleet_server.deploy.service import refresh_desired
+
+    refresh_desired(fleet, conn)
     return get_version(conn, manifest.name, manifest.version)
 
 

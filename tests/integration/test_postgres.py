@@ -1,0 +1,120 @@
+"""The same server code on a real PostgreSQL, started from the machine's initdb/pg_ctl.
+
+Skipped, with the reason, where those binaries are absent. As root (CI), the cluster runs as
+the ``postgres`` user, since initdb refuses to run as root.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from agent.protocol.messages import Record, TelemetryBatch
+from agent.protocol.topics import device_topic
+from fleet_server import audit
+from fleet_server.auth import Principal
+from fleet_server.db import atomic, tables
+from fleet_server.deploy.plan import Selector
+from fleet_server.deploy.service import deploy
+from fleet_server.fleet import init_data_dir, open_fleet
+from fleet_server.ingest import handle_message
+from fleet_server.registry import devices
+from fleet_server.settings import Settings
+
+pytestmark = pytest.mark.integration
+NOW = 1_800_000_000
+ADMIN = Principal("t", "test", "admin")
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on this machine")
+    root = os.geteuid() == 0
+    # not under pytest's tmp dir: that is 0700 root-owned, and postgres must reach its files
+    base = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if root:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as postgres")
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+
+    def run(*args: str) -> None:
+        done = subprocess.run(prefix + list(args), capture_output=True, text=True, timeout=120,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr.strip()}")
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "edgefleet", "--auth=trust", "-E", "UTF8")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
+        "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "edgefleet",
+            "fleet")
+        yield f"postgresql+psycopg://edgefleet@127.0.0.1:{port}/fleet"
+    finally:
+        subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
+                                 "stop"], check=False, capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_registry_deploy_ingest_and_audit_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=postgres_url)
+    init_data_dir(settings, clock=lambda: NOW)
+    fleet = open_fleet(settings, clock=lambda: NOW)
+    with atomic(fleet.engine) as conn:
+        devices.provision(fleet, conn, device_id="pg-dev", profile="rpi4", tags=["lab"],
+                          actor=ADMIN)
+        # an artifact row as a push would write it (the TUF side is tested elsewhere)
+        conn.execute(tables.artifacts.insert().values(
+            name="m", version="1", profile="rpi4", runtime="onnxruntime", precision="fp32",
+            sha256="a" * 64, length=10, target_path="models/m/1/rpi4/model.onnx",
+            manifest_target="models/m/1/rpi4/manifest.json", manifest="{}", created_at=NOW,
+            created_by="t"))
+        out = deploy(fleet, conn, model="m", version="1", selector=Selector(tags=("lab",)),
+                     actor=ADMIN)
+    assert out["devices"] == ["pg-dev"] and out["desired_changed"] == ["pg-dev"]
+
+    batch = TelemetryBatch(device_id="pg-dev", records=tuple(
+        Record(seq=s, kind="metrics", at=NOW, body={"s": s}) for s in (1, 2, 2 + 1)))
+    topic = device_topic("pg-dev", "telemetry")
+    first = handle_message(fleet, topic, batch.to_bytes(), now=NOW)
+    again = handle_message(fleet, topic, batch.to_bytes(), now=NOW)
+    assert (first.stored, again.stored, again.duplicates) == (3, 0, 3)
+
+    with atomic(fleet.engine) as conn:
+        assert audit.verify_chain(conn) is None
+        actions = [e.action for e in audit.entries(conn)]
+        seq = conn.execute(select(tables.desired_states.c.sequence)).scalar()
+    assert actions[:1] == ["token.create"] and "deployment.create" in actions
+    assert seq == 1
+    fleet.engine.dispose()

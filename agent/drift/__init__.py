@@ -1,6 +1,7 @@
 """Drift monitoring on the device: pure statistics over binned numbers.
 
-See :mod:`agent.drift.stats` for the binning rule shared with ``model_tools.baseline``.
+See :mod:`agent.drift.stats` for the binning rule shared with ``model_tools.baseline``, and
+:mod:`agent.drift.summary` for the windowed summaries sent to the fleet (statistics only).
 """
 
 from agent.drift.stats import (
@@ -17,11 +18,25 @@ from agent.drift.stats import (
     psi,
     validate_edges,
 )
+from agent.drift.summary import (
+    BASELINE_VERSIONS,
+    DRIFT_SUMMARY_KIND,
+    SUMMARY_VERSION,
+    DriftMonitor,
+    DriftSummary,
+    EntryDrift,
+)
 
 __all__ = [
+    "BASELINE_VERSIONS",
     "DEFAULT_EPS",
+    "DRIFT_SUMMARY_KIND",
     "PSI_ALERT",
     "PSI_WARN",
+    "SUMMARY_VERSION",
+    "DriftMonitor",
+    "DriftSummary",
+    "EntryDrift",
     "FeatureDrift",
     "StreamingHistogram",
     "bin_counts",

@@ -1,0 +1,321 @@
+"""The local inference API's bodies, both forms: JSON and the binary tensor framing (pure).
+
+Shared by the server (:mod:`agent.serving.server`), the client (:mod:`agent.serving.client`),
+tests and benchmarks. No I/O: bytes in, numpy arrays out, or :class:`InputRejected`.
+
+JSON (``Content-Type: application/json``)::
+
+    request   {"inputs": {"<input name>": <nested lists>, ...}}
+    response  {"model": "<name>", "version": "<version>", "outputs": {"<name>": <lists>, ...}}
+
+A request tensor takes its dtype from the model's input spec: numbers are cast to it, while
+strings, ragged lists, fractions for an integer input and integers out of its range are refused
+(:class:`InputRejected`, naming the input, expected against actual). Non-finite float outputs are
+written as ``NaN``/``Infinity``, as Python's :mod:`json` reads them.
+
+Binary tensor framing (``Content-Type: application/x-edgefleet-tensors``), version 1::
+
+    <header: one line of UTF-8 JSON, ended by b"\\n">
+    <payload: the tensors' raw bytes back to back, in header order>
+
+    header  {"v": 1,
+             "tensors": [{"name": "input", "dtype": "float32", "shape": [1, 64],
+                          "nbytes": 256}, ...],
+             ...any other fields: metadata, kept as they are}
+
+Each tensor's bytes are little-endian, C order, exactly ``prod(shape) * itemsize`` long
+(``nbytes`` says it again so a reader can check before it allocates); ``bool`` is one byte,
+0 or 1. The body is exactly the header line plus the sum of ``nbytes``: nothing before, between
+or after. ``dtype`` is a numpy name from :data:`agent.protocol.manifest.DTYPES`. The header is
+at most :data:`MAX_HEADER_BYTES` and lists at most :data:`MAX_TENSORS` tensors, names unique. A
+response in this form (the request said ``Accept: application/x-edgefleet-tensors``) carries
+``"model"`` and ``"version"`` in its header. Decoding is zero-copy on little-endian hosts: the
+arrays are read-only views of the body. A header whose ``v`` is not 1 is refused; fields this
+version does not know are kept in :attr:`TensorFrame.meta`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.errors import InputRejected
+from agent.protocol.manifest import DTYPES, TensorSpec
+
+__all__ = [
+    "JSON_CONTENT_TYPE",
+    "MAX_HEADER_BYTES",
+    "MAX_TENSORS",
+    "TENSORS_CONTENT_TYPE",
+    "WIRE_VERSION",
+    "Prediction",
+    "TensorFrame",
+    "decode_json_inputs",
+    "decode_json_prediction",
+    "decode_tensors",
+    "encode_json_inputs",
+    "encode_json_prediction",
+    "encode_tensors",
+]
+
+JSON_CONTENT_TYPE = "application/json"
+TENSORS_CONTENT_TYPE = "application/x-edgefleet-tensors"
+WIRE_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024  # the binary framing's JSON header line, newline included
+MAX_TENSORS = 256  # tensors in one frame
+
+_RESERVED = ("v", "tensors")
+_LITTLE = sys.byteorder == "little"
+# dtype -> wire name, and wire name -> little-endian dtype: dict lookups, because
+# ``dtype.name`` and ``str(dtype)`` cost microseconds per call
+_WIRE_NAMES = {np.dtype(name): name for name in DTYPES}
+_LE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+# module-level encoders: json.dumps with any option builds a new encoder on every call
+_dump_strict = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_dump = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@dataclass(frozen=True)
+class TensorFrame:
+    """A decoded binary frame: tensors by name (header order) and the header's other fields."""
+
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One predict response: which model and version answered, and its outputs by name."""
+
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+
+
+def _bad(what: str) -> InputRejected:
+    return InputRejected(f"bad tensor framing: {what}")
+
+
+def _cut(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _wire_array(name: str, value: np.ndarray) -> np.ndarray:
+    """``value`` as a C-contiguous little-endian array of a wire dtype.
+
+    Raises:
+        ValueError: the dtype has no wire name (programmer misuse: models never make one).
+    """
+    arr = value if isinstance(value, np.ndarray) and value.flags.c_contiguous \
+        else np.ascontiguousarray(value)
+    if arr.dtype not in _WIRE_NAMES:  # np.dtype equality ignores nothing but byte order
+        order = arr.dtype.newbyteorder("=")
+        if order not in _WIRE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be framed; expected "
+                             f"one of {', '.join(DTYPES)}")
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
+        arr = arr.astype(_LE_DTYPES[_wire_name(arr)])
+    return arr
+
+
+def _wire_name(arr: np.ndarray) -> str:
+    name = _WIRE_NAMES.get(arr.dtype)
+    return name if name is not None else _WIRE_NAMES[arr.dtype.newbyteorder("=")]
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+                   ) -> bytes:
+    """Frame ``tensors`` (in mapping order) with ``meta`` as extra header fields.
+
+    Raises:
+        ValueError: a tensor's dtype has no wire name, too many tensors, or ``meta`` uses a
+            reserved field (``v``, ``tensors``) or is not JSON-serialisable.
+    """
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"at most {MAX_TENSORS} tensors per frame, got {len(tensors)}")
+    extra = dict(meta or {})
+    clash = [k for k in _RESERVED if k in extra]
+    if clash:
+        raise ValueError(f"meta field {clash[0]!r} is reserved by the framing")
+    arrays = [(name, _wire_array(name, value)) for name, value in tensors.items()]
+    header = {"v": WIRE_VERSION,
+              "tensors": [{"name": name, "dtype": _wire_name(arr), "shape": list(arr.shape),
+                           "nbytes": arr.nbytes} for name, arr in arrays],
+              **extra}
+    try:
+        line = _dump_strict(header).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"frame meta is not plain JSON: {exc}") from exc
+    return b"".join([line, b"\n", *(arr.tobytes() for _, arr in arrays)])
+
+
+def _tensor_entry(entry: object, i: int) -> tuple[str, str, tuple[int, ...], int]:
+    if not isinstance(entry, dict):
+        raise _bad(f"tensors[{i}]: expected an object, got {_cut(entry)}")
+    name, dtype, shape, nbytes = (entry.get(k) for k in ("name", "dtype", "shape", "nbytes"))
+    if not isinstance(name, str) or not name:
+        raise _bad(f"tensors[{i}].name: expected a non-empty string, got {_cut(name)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _bad(f"tensor {name!r}: expected dtype one of {', '.join(DTYPES)}, got "
+                   f"{_cut(dtype)}")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _bad(f"tensor {name!r}: expected shape a list of sizes >= 0, got {_cut(shape)}")
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise _bad(f"tensor {name!r}: expected nbytes a size >= 0, got {_cut(nbytes)}")
+    want = math.prod(shape) * DTYPES[dtype]
+    if nbytes != want:
+        raise _bad(f"tensor {name!r}: {dtype}{shape} needs {want} bytes, header says "
+                   f"nbytes {nbytes}")
+    return name, dtype, tuple(shape), nbytes
+
+
+def decode_tensors(body: bytes | bytearray | memoryview) -> TensorFrame:
+    """Parse a binary frame into read-only arrays (views of ``body`` on little-endian hosts).
+
+    Raises:
+        InputRejected: no header line, header not JSON or too long, unsupported ``v``, a
+            tensor entry wrong, duplicate names, or the payload length does not match.
+    """
+    data = body if isinstance(body, (bytes, bytearray)) else memoryview(body).cast("B").tobytes()
+    end = data.find(b"\n", 0, MAX_HEADER_BYTES)
+    if end < 0:
+        if len(data) >= MAX_HEADER_BYTES:
+            raise _bad(f"header line longer than {MAX_HEADER_BYTES} bytes")
+        raise _bad("no header line (a JSON object ended by a newline)")
+    try:
+        header = json.loads(data[:end])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _bad(f"header: expected a JSON object, got {_cut(header)}")
+    if header.get("v") != WIRE_VERSION:
+        raise _bad(f"expected framing version {WIRE_VERSION}, got {_cut(header.get('v'))}")
+    entries = header.get("tensors")
+    if not isinstance(entries, list):
+        raise _bad(f"header.tensors: expected a list, got {_cut(entries)}")
+    if len(entries) > MAX_TENSORS:
+        raise _bad(f"expected at most {MAX_TENSORS} tensors, got {len(entries)}")
+    parsed = [_tensor_entry(e, i) for i, e in enumerate(entries)]
+    expected = end + 1 + sum(p[3] for p in parsed)
+    if expected != len(data):
+        raise _bad(f"header announces a body of {expected} bytes, got {len(data)}")
+    tensors: dict[str, np.ndarray] = {}
+    offset = end + 1
+    for name, dtype, shape, nbytes in parsed:
+        if name in tensors:
+            raise _bad(f"tensor {name!r} appears twice")
+        arr = np.frombuffer(data, dtype=_LE_DTYPES[dtype], count=nbytes // DTYPES[dtype],
+                            offset=offset).reshape(shape)
+        offset += nbytes
+        if dtype == "bool" and nbytes and int(arr.view(np.uint8).max()) > 1:
+            raise _bad(f"tensor {name!r}: bool bytes must be 0 or 1")
+        if not _LITTLE:
+            arr = arr.astype(np.dtype(dtype))
+        tensors[name] = arr
+    meta = {k: v for k, v in header.items() if k not in _RESERVED}
+    return TensorFrame(tensors, meta)
+
+
+def _cast(name: str, value: object, dtype: str) -> np.ndarray:
+    """A JSON value as an array of ``dtype``, refusing what a cast would silently change."""
+    try:
+        raw = np.asarray(value)
+    except ValueError as exc:  # ragged nesting: numpy refuses inhomogeneous shapes
+        raise InputRejected(f"input {name!r}: expected a rectangular nested list of numbers "
+                            f"({dtype}), got a ragged one") from exc
+    target = np.dtype(dtype)
+    kind = raw.dtype.kind
+    if raw.size == 0:  # [] and [[], []] carry no values to check
+        return np.zeros(raw.shape, dtype=target)
+    if kind not in "biuf":
+        got = {"U": "strings", "S": "strings", "O": "mixed values"}.get(kind, str(raw.dtype))
+        raise InputRejected(f"input {name!r}: expected dtype {dtype}, got {got}")
+    if target.kind == "b" and kind != "b":
+        raise InputRejected(f"input {name!r}: expected dtype bool (true/false), got numbers")
+    if target.kind in "iu":
+        if kind == "f":
+            raise InputRejected(f"input {name!r}: expected dtype {dtype} (integers), got "
+                                "fractional numbers")
+        if kind in "iu" and raw.size:
+            info = np.iinfo(target)
+            lo, hi = int(raw.min()), int(raw.max())
+            if lo < info.min or hi > info.max:
+                raise InputRejected(f"input {name!r}: expected {dtype} values in "
+                                    f"[{info.min}, {info.max}], got [{lo}, {hi}]")
+    return raw.astype(target, copy=False)
+
+
+def decode_json_inputs(body: bytes | bytearray | memoryview, specs: Sequence[TensorSpec]
+                       ) -> dict[str, np.ndarray]:
+    """Parse a JSON predict request into arrays of the model's input dtypes.
+
+    Missing inputs, shapes and the final dtype check are left to the model's feed check
+    (:func:`agent.serving.runtime.check_feeds`).
+
+    Raises:
+        InputRejected: not JSON, not ``{"inputs": {...}}``, an input the model does not have,
+            or a value that cannot be cast to its input's dtype.
+    """
+    try:
+        doc = json.loads(bytes(body))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputRejected(f"request body is not JSON: {exc}") from exc
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, dict):
+        raise InputRejected('expected a JSON object {"inputs": {"<input name>": [...]}}, got '
+                            f"{_cut(doc)}")
+    dtypes = {s.name: s.dtype for s in specs}
+    feeds: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        dtype = dtypes.get(name)
+        if dtype is None:  # same words as runtime.check_feeds, before any conversion work
+            raise InputRejected(f"unknown input {name!r}; the model's inputs are "
+                                f"{list(dtypes)}")
+        feeds[name] = _cast(name, value, dtype)
+    return feeds
+
+
+def encode_json_inputs(inputs: Mapping[str, Any]) -> bytes:
+    """A JSON predict request body for ``inputs`` (arrays or nested lists).
+
+    Raises:
+        ValueError: a value is not JSON-serialisable as numbers.
+    """
+    doc = {"inputs": {name: np.asarray(v).tolist() for name, v in inputs.items()}}
+    try:
+        return _dump(doc).encode()
+    except TypeError as exc:
+        raise ValueError(f"inputs are not numbers: {exc}") from exc
+
+
+def encode_json_prediction(model: str, version: str, outputs: Mapping[str, np.ndarray]) -> bytes:
+    """A JSON predict response body."""
+    doc = {"model": model, "version": version,
+           "outputs": {name: np.asarray(v).tolist() for name, v in outputs.items()}}
+    return _dump(doc).encode()
+
+
+def decode_json_prediction(body: bytes | bytearray | memoryview) -> Prediction:
+    """Parse a JSON predict response; outputs become arrays of numpy's inferred dtype.
+
+    Raises:
+        InputRejected: not JSON or not the response shape.
+    """
+    try:
+        doc = json.loads(bytes(body))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputRejected(f"response body is not JSON: {exc}") from exc
+    if not (isinstance(doc, dict) and isinstance(doc.get("model"), str)
+            and isinstance(doc.get("version"), str) and isinstance(doc.get("outputs"), dict)):
+        raise InputRejected('expected {"model": str, "version": str, "outputs": {...}}, got '
+                            f"{_cut(doc)}")
+    return Prediction(doc["model"], doc["version"],
+                      {name: np.asarray(v) for name, v in doc["outputs"].items()})

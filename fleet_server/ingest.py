@@ -35,7 +35,7 @@ from agent.protocol.topics import TopicError, ack_topic
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet
 
-__all__ = ["IngestResult", "handle_message", "REJECT_COUNTS"]
+__all__ = ["REJECT_COUNTS", "IngestResult", "handle_message"]
 
 log = logging.getLogger(__name__)
 #: process-wide reject counters by reason class (exported as metrics later)
@@ -94,6 +94,13 @@ def _store_records(conn: Connection, msg: TelemetryBatch | DriftBatch, now: int
     floor = msg.unrecognized.get("floor")
     if isinstance(floor, int) and not isinstance(floor, bool) and 1 <= floor <= seqs[0]:
         upto = max(upto, floor - 1)
+    # ``from_seq``: every seq in [from_seq, last record] missing from the batch was evicted
+    # (the outbox evicts raw metrics before older events, so gaps open above the floor too).
+    # Believed only when it continues what we already hold.
+    from_seq = msg.unrecognized.get("from_seq")
+    if (isinstance(from_seq, int) and not isinstance(from_seq, bool)
+            and 1 <= from_seq <= seqs[0] and from_seq <= upto + 1):
+        upto = max(upto, seqs[-1])
     following = conn.execute(select(tables.device_records.c.seq).where(
         tables.device_records.c.device_id == msg.device_id,
         tables.device_records.c.stream == stream,

@@ -576,46 +576,47 @@ class Outbox:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) \
                 or not 0 < max_bytes <= MAX_MESSAGE_BYTES:
             raise ValueError(f"max_bytes: expected 1..{MAX_MESSAGE_BYTES}, got {max_bytes!r}")
-        rows = self._rows_after(stream, max_records, after)
-        if not rows:
-            return []
-        floor = self.floor(stream)
-        self.sync()
-        cls = _BATCH_TYPES[stream]
-        kinds: dict[str, int] = {}
-        batches: list[Any] = []
-        start = 0
-        from_seq = after + 1
-        while start < len(rows):
-            envelope = {"device_id": self.device_id, "schema_version": SCHEMA_VERSION,
-                        "records": [],
-                        "floor": floor, "from_seq": from_seq}
-            size = len(canonical_json(envelope))
-            end = start
-            while end < len(rows):
-                seq, kind, at, body = rows[end]
-                if kind not in kinds:
-                    kinds[kind] = len(canonical_json(kind))
-                rec = (_RECORD_OVERHEAD + len(str(at)) + len(body.encode("utf-8"))
-                       + kinds[kind] + len(str(seq)) + (1 if end > start else 0))
-                if size + rec > max_bytes:
-                    break
-                size += rec
-                end += 1
-            if end == start:
-                raise ValueError(f"max_bytes: {max_bytes} is too small for record seq "
-                                 f"{rows[start][0]} of {stream} ({size + rec} bytes with "
-                                 "the envelope)")
-            part = rows[start:end]
-            # one parse for the whole batch: per-call overhead was a third of json.loads' cost
-            bodies = json.loads("[" + ",".join(r[3] for r in part) + "]")
-            records = tuple(Record(seq=seq, kind=kind, at=at, body=body)
-                            for (seq, kind, at, _), body in zip(part, bodies, strict=True))
-            batches.append(cls(device_id=self.device_id, records=records,
-                               unrecognized={"floor": floor, "from_seq": from_seq}))
-            from_seq = records[-1].seq + 1
-            start = end
-        return batches
+        with self._lock:  # one consistent view: rows, floor and checkpoint together
+            rows = self._rows_after(stream, max_records, after)
+            if not rows:
+                return []
+            floor = self.floor(stream)
+            self.sync()
+            cls = _BATCH_TYPES[stream]
+            kinds: dict[str, int] = {}
+            batches: list[Any] = []
+            start = 0
+            from_seq = after + 1
+            while start < len(rows):
+                envelope = {"device_id": self.device_id, "schema_version": SCHEMA_VERSION,
+                            "records": [],
+                            "floor": floor, "from_seq": from_seq}
+                size = len(canonical_json(envelope))
+                end = start
+                while end < len(rows):
+                    seq, kind, at, body = rows[end]
+                    if kind not in kinds:
+                        kinds[kind] = len(canonical_json(kind))
+                    rec = (_RECORD_OVERHEAD + len(str(at)) + len(body.encode("utf-8"))
+                           + kinds[kind] + len(str(seq)) + (1 if end > start else 0))
+                    if size + rec > max_bytes:
+                        break
+                    size += rec
+                    end += 1
+                if end == start:
+                    raise ValueError(f"max_bytes: {max_bytes} is too small for record seq "
+                                     f"{rows[start][0]} of {stream} ({size + rec} bytes with "
+                                     "the envelope)")
+                part = rows[start:end]
+                # one parse for the whole batch: per-call overhead was a third of json.loads' cost
+                bodies = json.loads("[" + ",".join(r[3] for r in part) + "]")
+                records = tuple(Record(seq=seq, kind=kind, at=at, body=body)
+                                for (seq, kind, at, _), body in zip(part, bodies, strict=True))
+                batches.append(cls(device_id=self.device_id, records=records,
+                                   unrecognized={"floor": floor, "from_seq": from_seq}))
+                from_seq = records[-1].seq + 1
+                start = end
+            return batches
 
     def sync(self) -> None:
         """Make every committed row durable against a power cut (a WAL checkpoint).

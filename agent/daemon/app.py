@@ -29,9 +29,9 @@ import numpy as np
 
 from agent.buffer.store import Outbox
 from agent.config import AgentConfig
-from agent.drift.summary import DriftMonitor
+from agent.drift.summary import DRIFT_SUMMARY_KIND, DriftMonitor
 from agent.errors import AgentError, ArtifactError, ConfigError, TransportError
-from agent.metrics import RequestMetrics
+from agent.metrics import METRICS_KIND, RequestMetrics
 from agent.protocol.messages import Ack, DesiredState, Reported, RunningModel
 from agent.protocol.profiles import DeviceProfile, load_profiles
 from agent.protocol.provisioning import Provisioning, ProvisioningError
@@ -53,7 +53,7 @@ from agent.updater.runner import TargetsFetcher, UpdateReport, UpdateRunner
 from agent.updater.slots import ModelStore
 from agent.updater.verify import ArtifactVerifier
 
-__all__ = ["AGENT_VERSION", "Agent", "load_provisioning", "device_profile"]
+__all__ = ["AGENT_VERSION", "Agent", "device_profile", "load_provisioning"]
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class Agent:
         """Move metrics and finished drift windows into the outbox (loop thread)."""
         now = self.clock()
         while self._observed:
-            name, version, inputs, outputs = self._observed.popleft()
+            name, _version, inputs, outputs = self._observed.popleft()
             monitor = self._drift.get(name)
             if monitor is None:
                 continue
@@ -324,11 +324,17 @@ class Agent:
                 log.warning("drift monitor for %s: %s", name, exc)
                 continue
             if summary is not None:
-                self.outbox.append("drift", "drift.summary", summary.to_body(), at=now,
-                                   priority="summary")
+                self.outbox.append("drift", DRIFT_SUMMARY_KIND, summary.to_body(),
+                                   at=summary.end, priority="summary")
+        for monitor in self._drift.values():  # windows that ran out of time, not of samples
+            if monitor.due(now):
+                summary = monitor.flush()
+                if summary is not None:
+                    self.outbox.append("drift", DRIFT_SUMMARY_KIND, summary.to_body(),
+                                       at=summary.end, priority="summary")
         bodies = self.metrics.flush(now)
         if bodies:
-            self.outbox.append_many("telemetry", [("metrics", b, now) for b in bodies],
+            self.outbox.append_many("telemetry", [(METRICS_KIND, b, now) for b in bodies],
                                     priority="metrics")
 
     def batches(self) -> list[tuple[str, bytes]]:

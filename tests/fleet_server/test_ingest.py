@@ -75,6 +75,20 @@ def test_floor_skips_gaps_the_device_evicted_but_never_past_what_it_sent(fleet: 
     assert ack_upto(handle_message(fleet, topic, lying.to_bytes(), now=NOW)) == 10
 
 
+def test_from_seq_skips_gaps_above_the_floor_only_when_it_continues(fleet: Fleet) -> None:
+    topic = device_topic("dev-a", "telemetry")
+    handle_message(fleet, topic, batch("dev-a", [1, 2]), now=NOW)
+    # the device evicted 4 and 6 (metrics) but kept 3, 5, 7 (events): the batch says so
+    gappy = TelemetryBatch(device_id="dev-a", records=tuple(
+        Record(seq=s, kind="event", at=NOW, body={}) for s in (3, 5, 7)),
+        unrecognized={"from_seq": 3})
+    assert ack_upto(handle_message(fleet, topic, gappy.to_bytes(), now=NOW)) == 7
+    # a from_seq that does not continue what the server holds is not believed
+    detached = TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=20, kind="event", at=NOW, body={}),), unrecognized={"from_seq": 15})
+    assert ack_upto(handle_message(fleet, topic, detached.to_bytes(), now=NOW)) == 7
+
+
 def test_reported_and_status_update_the_device(fleet: Fleet) -> None:
     rep = Reported(device_id="dev-a", applied_sequence=3, running=(
         RunningModel(name="digits", version="1.0.0", sha256="a" * 64),), state="Committed",

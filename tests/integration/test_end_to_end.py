@@ -26,6 +26,7 @@ import uvicorn
 
 from agent.config import load_config
 from agent.daemon.app import Agent
+from agent.metrics import METRICS_KIND
 from agent.serving.client import AgentClient
 from fleet_server.api.app import create_app
 from fleet_server.fleet import init_data_dir
@@ -175,7 +176,7 @@ def test_deploy_serve_report_then_bad_update_rolls_back(
         with atomic(fleet.engine) as conn:
             rows = conn.execute(select(tables.device_records.c.body).where(
                 tables.device_records.c.device_id == "pi-1",
-                tables.device_records.c.kind == "metrics")).scalars().all()
+                tables.device_records.c.kind == METRICS_KIND)).scalars().all()
         return [json.loads(b) for b in rows]
 
     bodies = wait_for("metrics stored on the server", stored_metrics)

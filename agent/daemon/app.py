@@ -157,6 +157,7 @@ class Agent:
         self.link: DeviceLink | None = None
         self._desired: asyncio.Queue[DesiredState] | None = None
         self._sync_lock = asyncio.Lock()
+        self._sent = {"telemetry": 0, "drift": 0}  # highest seq published on this connection
 
     # -- serving side -------------------------------------------------------------------
     def _observe(self, name: str, version: str, latency_ms: float, ok: bool,
@@ -337,15 +338,20 @@ class Agent:
             self.outbox.append_many("telemetry", [(METRICS_KIND, b, now) for b in bodies],
                                     priority="metrics")
 
-    def batches(self) -> list[tuple[str, bytes]]:
-        """Held outbox records as ready-to-send payloads (loop thread: the outbox's thread)."""
+    def batches(self) -> list[tuple[str, bytes, int]]:
+        """Held records not yet sent on this connection, as (stream, payload, last seq).
+
+        What was sent but not acked is sent again after a reconnect (``_sent`` resets); the
+        server de-duplicates on sequence, so nothing is counted twice.
+        """
         out = []
         for stream in ("telemetry", "drift"):
-            out += [(stream, b.to_bytes())
-                    for b in self.outbox.build_batches(stream, self.config.sync_batch)]
+            for b in self.outbox.build_batches(stream, self.config.sync_batch,
+                                               after=self._sent[stream]):
+                out.append((stream, b.to_bytes(), b.records[-1].seq))
         return out
 
-    def send(self, payloads: list[tuple[str, bytes]]) -> int:
+    def send(self, payloads: list[tuple[str, bytes, int]]) -> int:
         """Publish payloads, awaiting each PUBACK (worker thread). Returns how many went.
 
         Raises:
@@ -353,8 +359,9 @@ class Agent:
         """
         if self.link is None or not self.link.connected:
             return 0
-        for stream, payload in payloads:
+        for stream, payload, last in payloads:
             self.link.publish(stream, payload)
+            self._sent[stream] = max(self._sent[stream], last)
         return len(payloads)
 
     async def _ticker(self) -> None:
@@ -380,6 +387,7 @@ class Agent:
             ev = await self._events.get()
             if ev.kind == "connected":
                 log.info("connected to the fleet")
+                self._sent = {"telemetry": 0, "drift": 0}  # resend whatever was not acked
                 await loop.run_in_executor(None, self._publish_reported)
             elif ev.kind == "refused":
                 log.error("broker refused this device: %s", ev.detail)

@@ -1,0 +1,84 @@
+"""The maintenance pass: the TUF timestamp and desired states are re-signed before they expire.
+
+The clock is injected; nothing waits on the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+
+from agent.protocol.signed import trusted_keys_from_pem, verify_desired
+from fleet_server.auth import Principal
+from fleet_server.db import atomic, tables
+from fleet_server.deploy.plan import Selector
+from fleet_server.deploy.service import deploy
+from fleet_server.fleet import init_data_dir, open_fleet
+from fleet_server.registry import devices
+from fleet_server.runtime import MqttRuntime
+from fleet_server.settings import Settings
+
+DAY = 24 * 3600
+ADMIN = Principal("t", "test", "admin")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.desired: list[tuple[str, bytes]] = []
+
+    def publish_desired(self, device_id: str, envelope: bytes) -> None:
+        self.desired.append((device_id, envelope))
+
+    def publish_ack(self, device_id: str, payload: bytes) -> None:
+        raise AssertionError("no acks expected here")
+
+
+def test_timestamp_and_desired_states_are_resigned_before_expiry(tmp_path: Path) -> None:
+    clock = Clock(1_800_000_000)
+    settings = Settings(data_dir=tmp_path / "d", desired_ttl_s=7 * DAY,
+                        desired_refresh_margin_s=DAY)
+    init_data_dir(settings, clock=clock)
+    fleet = open_fleet(settings, clock=clock, publisher=Recorder())
+    with atomic(fleet.engine) as conn:
+        devices.provision(fleet, conn, device_id="d1", profile="rpi4", tags=[], actor=ADMIN)
+        conn.execute(tables.artifacts.insert().values(
+            name="m", version="1", profile="rpi4", runtime="onnxruntime", precision="fp32",
+            sha256="a" * 64, length=10, target_path="models/m/1/rpi4/model.onnx",
+            manifest_target="models/m/1/rpi4/manifest.json", manifest="{}",
+            created_at=int(clock.now), created_by="t"))
+        deploy(fleet, conn, model="m", version="1", selector=Selector(devices=("d1",)),
+               actor=ADMIN)
+    runtime = MqttRuntime(fleet)  # never started: maintain_once needs only the fleet
+
+    first = runtime.maintain_once()
+    assert first["published"] == ["d1"] and first["resigned"] == []
+    ts_version = fleet.repo.versions()["timestamp"]
+
+    clock.now += 3600  # an hour later: nothing is near expiry
+    quiet = runtime.maintain_once()
+    assert quiet == {"timestamp_refreshed": False, "resigned": [], "published": []}
+
+    clock.now += 6 * DAY  # desired state within its one-day margin; TUF timestamp (1 day) past
+    busy = runtime.maintain_once()
+    assert busy["timestamp_refreshed"] is True
+    assert fleet.repo.versions()["timestamp"] > ts_version
+    assert busy["resigned"] == ["d1"] and busy["published"] == ["d1"]
+    with atomic(fleet.engine) as conn:
+        row = conn.execute(select(tables.desired_states)).one()
+    assert row.sequence == 2 and row.expires_at == int(clock.now) + 7 * DAY
+    # what went out verifies on the device with the provisioning file's key, at the new time
+    keys = trusted_keys_from_pem([fleet.director_public_pem])
+    state = verify_desired(fleet.publisher.desired[-1][1], public_keys=keys, device_id="d1",
+                           last_sequence=1, now=int(clock.now))
+    assert [m.name for m in state.models] == ["m"]
+    assert json.loads(row.models)[0]["version"] == "1"

@@ -11,6 +11,7 @@ with ``loop.call_soon_threadsafe``). Reconnects use paho's loop with capped back
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import tempfile
 import threading
@@ -32,6 +33,14 @@ __all__ = ["DeviceLink", "LinkEvent"]
 log = logging.getLogger(__name__)
 
 
+def reconnect_jitter(min_s: float, max_s: float, rand: Callable[[], float]) -> tuple[int, int]:
+    """Per-device reconnect bounds in whole seconds (paho's unit): first delay uniform in
+    [min, 2*min], cap uniform in [max/2, max], never below 1 s or below each other."""
+    lo = max(1, round(min_s * (1.0 + rand())))
+    hi = max(lo, round(max_s * (0.5 + 0.5 * rand())))
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class LinkEvent:
     kind: str  # "connected" | "disconnected" | "message" | "refused"
@@ -41,9 +50,10 @@ class LinkEvent:
 
 
 class DeviceLink:
-    def __init__(self, prov: Provisioning, on_event: Callable[[LinkEvent], None], *,
+    def __init__(self, prov: Provisioning, on_event: Callable[[LinkEvent], object], *,
                  clock: Callable[[], float] = time.time, keepalive: int = 30,
-                 reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0) -> None:
+                 reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0,
+                 rand: Callable[[], float] = random.random) -> None:
         parts = urlsplit(prov.mqtt_url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(f"mqtt url {prov.mqtt_url!r}: expected mqtt://host:port or "
@@ -69,8 +79,10 @@ class DeviceLink:
         offline = Status(device_id=prov.device_id, online=False, at=int(clock()))
         self._client.will_set(device_topic(prov.device_id, "status"), offline.to_bytes(),
                               qos=1, retain=True)
-        self._client.reconnect_delay_set(max(1, int(reconnect_min_s)),
-                                         max(1, int(reconnect_max_s)))
+        # paho doubles the delay from min to max; jitter both per device so a fleet that lost
+        # its broker at the same moment does not come back in lockstep
+        lo, hi = reconnect_jitter(reconnect_min_s, reconnect_max_s, rand)
+        self._client.reconnect_delay_set(lo, hi)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

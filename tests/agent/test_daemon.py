@@ -100,3 +100,11 @@ def test_provisioning_file_readable_by_others_is_refused(agent: Agent) -> None:
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="0600"):
         load_provisioning(path)
+
+
+@pytest.mark.parametrize(("rand", "expected"), [(0.0, (1, 30)), (0.5, (2, 45)), (1.0, (2, 60))],
+                         ids=["low", "mid", "high"])
+def test_reconnect_bounds_are_jittered_per_device(rand: float, expected: tuple[int, int]) -> None:
+    from agent.transport.mqtt import reconnect_jitter
+
+    assert reconnect_jitter(1.0, 60.0, lambda: rand) == expected

@@ -151,7 +151,8 @@ def result_table(rows: Sequence[Row], markdown: bool) -> str:
     headers = ["profile", "chosen", "size KiB fp32 -> chosen", "x smaller",
                "p50 us fp32 -> chosen", "p50 ratio", "p95 us fp32 -> chosen", "p95 ratio",
                "accuracy % fp32 -> chosen", "delta pts",
-               f">= {GOAL_SIZE_RATIO}x smaller", "not slower", f"<= {GOAL_MAX_DROP_POINTS:g} pt lost"]
+               f">= {GOAL_SIZE_RATIO}x smaller", "not slower",
+               f"<= {GOAL_MAX_DROP_POINTS:g} pt lost"]
     body: list[list[str]] = []
     for r in rows:
         name = r.profile + (f" ({r.note})" if r.note else "")
@@ -187,7 +188,8 @@ def noise_table(rows: Sequence[Row], markdown: bool) -> str:
         c50 = t.other["chosen"][0]
         conv = f"{r.converter_p50_ratio:.2f}" if r.converter_p50_ratio is not None else "-"
         body.append([r.profile, str(t.threads), str(t.runs), us(t.floor_p50), us(t.fp32_p50),
-                     f"{t.aa_ratio:.2f}", f"+/-{noise_band(t.aa_ratio):.0%}", us(c50), f"{c50 / t.fp32_p50:.2f}", conv])
+                     f"{t.aa_ratio:.2f}", f"+/-{noise_band(t.aa_ratio):.0%}", us(c50),
+                     f"{c50 / t.fp32_p50:.2f}", conv])
     return render(headers, body, markdown)
 
 

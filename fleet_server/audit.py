@@ -15,7 +15,7 @@ from sqlalchemy import Connection, func, insert, select
 
 from fleet_server.db import tables
 
-__all__ = ["GENESIS", "AuditEntry", "record", "entries", "verify_chain"]
+__all__ = ["GENESIS", "AuditEntry", "entries", "record", "verify_chain"]
 
 GENESIS = "0" * 64
 

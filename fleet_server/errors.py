@@ -16,7 +16,7 @@
     ├── BrokerError                   the MQTT broker cannot be reached or refused us
     └── TrustError                    the TUF repository (fleet_server.tuf_repo)
         ├── TargetError               the caller's artifact is not acceptable (fix it, re-push)
-        │   ├── TargetNameError       name is not a safe relative URL path (``..``, ``/x``, ``a\\b``)
+        │   ├── TargetNameError       not a safe relative URL path (``..``, ``/x``, ``a\\b``)
         │   ├── TargetSourceError     the file to publish is missing or not a regular file
         │   └── TargetConflictError   name already published with other bytes (immutable)
         ├── RepositoryStateError      the repository on disk is not usable as asked
@@ -45,21 +45,21 @@ __all__ = [
     "FleetError",
     "Forbidden",
     "InvalidInput",
+    "KeyStoreError",
     "NotFound",
     "PayloadTooLarge",
-    "RequestError",
-    "StoreError",
-    "Unauthenticated",
-    "KeyStoreError",
     "RepositoryCorruptError",
     "RepositoryExistsError",
     "RepositoryNotFoundError",
     "RepositoryStateError",
+    "RequestError",
+    "StoreError",
     "TargetConflictError",
     "TargetError",
     "TargetNameError",
     "TargetSourceError",
     "TrustError",
+    "Unauthenticated",
 ]
 
 

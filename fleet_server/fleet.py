@@ -64,7 +64,7 @@ class Fleet:
         return int(self.clock())
 
     def now_dt(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.clock(), tz=dt.timezone.utc)
+        return dt.datetime.fromtimestamp(self.clock(), tz=dt.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -145,7 +145,7 @@ def init_data_dir(settings: Settings, *, clock: Callable[[], float] = time.time)
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         TufRepository.create(data_dir / "tuf",
-                             now=dt.datetime.fromtimestamp(now, tz=dt.timezone.utc))
+                             now=dt.datetime.fromtimestamp(now, tz=dt.UTC))
         key = Ed25519PrivateKey.generate()
         _write_private(data_dir / "director" / "key.pem", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SERVER_MQTT_USER", "is_loopback"]
+__all__ = ["SERVER_MQTT_USER", "Settings", "is_loopback"]
 
 #: the server's own MQTT username; '_' can never appear in a device id, so no device can take it
 SERVER_MQTT_USER = "_edgefleet_server"

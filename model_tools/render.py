@@ -64,7 +64,8 @@ def _fmt(value: Any, spec: str) -> str:
 def _gate_text(gate: Mapping[str, Any]) -> str:
     if not gate:
         return ""
-    return (f"\nlatency gate: p50 <= {gate['limit_ms']:.3f} ms ({gate['mode']}, x{gate['ratio']:.2f}"
+    return (f"\nlatency gate: p50 <= {gate['limit_ms']:.3f} ms "
+            f"({gate['mode']}, x{gate['ratio']:.2f}"
             f"; this host's A/A noise {gate['noise']:.1%})")
 
 

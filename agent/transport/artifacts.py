@@ -17,10 +17,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import urllib3
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
 
 from agent.errors import ArtifactError, TransportError
 from agent.protocol.provisioning import Provisioning
@@ -35,7 +38,7 @@ class AuthFetcher(FetcherInterface):
                  ca_file: str | None = None) -> None:
         self._chunk = chunk
         self._timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
-        kwargs = {"ca_certs": ca_file} if ca_file else {}
+        kwargs: dict[str, Any] = {"ca_certs": ca_file} if ca_file else {}
         self._pool = urllib3.PoolManager(
             headers={"Authorization": f"Bearer {token}", "User-Agent": "edgefleet-agent"},
             retries=False, **kwargs)

@@ -21,5 +21,5 @@ def backoff_delay(attempt: int, *, base: float, cap: float,
     if attempt < 0 or base <= 0 or cap <= 0:
         raise ValueError(f"backoff_delay: attempt >= 0 and base, cap > 0; got {attempt}, "
                          f"{base}, {cap}")
-    ceiling = min(cap, base * (2 ** min(attempt, 62)))
+    ceiling = min(cap, base * (2.0 ** min(attempt, 62)))  # float power, same value as 2**k
     return ceiling * rand()

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fleet_server.db import tables
 from fleet_server.errors import StoreError
 
-__all__ = ["make_engine", "migrate", "atomic", "MIGRATIONS"]
+__all__ = ["MIGRATIONS", "atomic", "make_engine", "migrate"]
 
 
 def make_engine(url: str) -> Engine:

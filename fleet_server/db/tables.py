@@ -31,8 +31,19 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-__all__ = ["METADATA", "schema_migrations", "tokens", "devices", "artifacts", "deployments",
-           "desired_states", "device_records", "stream_acks", "ingest_rejects", "audit"]
+__all__ = [
+    "METADATA",
+    "artifacts",
+    "audit",
+    "deployments",
+    "desired_states",
+    "device_records",
+    "devices",
+    "ingest_rejects",
+    "schema_migrations",
+    "stream_acks",
+    "tokens",
+]
 
 METADATA = MetaData()
 

@@ -23,8 +23,18 @@ from dataclasses import dataclass, field
 
 from agent.protocol.messages import DesiredModel
 
-__all__ = ["Selector", "DeviceView", "DeploymentView", "ArtifactView", "StoredDesired",
-           "matches", "targeted", "missing_artifacts", "compute_desired", "needs_new_state"]
+__all__ = [
+    "ArtifactView",
+    "DeploymentView",
+    "DeviceView",
+    "Selector",
+    "StoredDesired",
+    "compute_desired",
+    "matches",
+    "missing_artifacts",
+    "needs_new_state",
+    "targeted",
+]
 
 
 @dataclass(frozen=True)

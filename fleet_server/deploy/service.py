@@ -35,8 +35,15 @@ from fleet_server.deploy.plan import (
 from fleet_server.errors import BrokerError, Conflict, InvalidInput, NotFound
 from fleet_server.fleet import Fleet
 
-__all__ = ["deploy", "cancel", "list_deployments", "refresh_desired", "publish_pending",
-           "load_devices", "load_artifacts"]
+__all__ = [
+    "cancel",
+    "deploy",
+    "list_deployments",
+    "load_artifacts",
+    "load_devices",
+    "publish_pending",
+    "refresh_desired",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,10 @@ def deploy(fleet: Fleet, conn: Connection, *, model: str, version: str, selector
     result = conn.execute(insert(tables.deployments).values(
         model=model, version=version, selector=json.dumps(selector.to_dict(), sort_keys=True),
         status="active", created_at=now, created_by=actor.token_id))
-    dep_id = int(result.inserted_primary_key[0])
+    pk = result.inserted_primary_key
+    if pk is None:  # only for executemany(), which a single-row insert is not
+        raise RuntimeError("insert into deployments returned no primary key")
+    dep_id = int(pk[0])
     audit.record(conn, at=now, actor=actor.actor, action="deployment.create",
                  target=f"deployment:{dep_id}",
                  after={"model": model, "version": version, "selector": selector.to_dict(),
@@ -162,10 +172,10 @@ def refresh_desired(fleet: Fleet, conn: Connection) -> list[str]:
         state = DesiredState(device_id=device.id, sequence=seq, issued_at=now,
                              expires_at=now + fleet.settings.desired_ttl_s, models=models)
         envelope = sign_desired(state, fleet.director_key)
-        values = dict(sequence=seq, models=json.dumps([m.to_dict() for m in models],
-                                                      sort_keys=True),
-                      issued_at=now, expires_at=state.expires_at,
-                      envelope=envelope.decode("utf-8"), published=False)
+        values = {"sequence": seq,
+                  "models": json.dumps([m.to_dict() for m in models], sort_keys=True),
+                  "issued_at": now, "expires_at": state.expires_at,
+                  "envelope": envelope.decode("utf-8"), "published": False}
         if prev is None:
             conn.execute(insert(tables.desired_states).values(device_id=device.id, **values))
         else:

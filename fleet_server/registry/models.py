@@ -29,8 +29,14 @@ from fleet_server.db import tables
 from fleet_server.errors import BundleRejected, Conflict, NotFound, PayloadTooLarge, TargetError
 from fleet_server.fleet import Fleet
 
-__all__ = ["MAX_MANIFEST_BYTES", "push_bundle", "list_models", "get_version", "artifact_dict",
-           "target_names"]
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "artifact_dict",
+    "get_version",
+    "list_models",
+    "push_bundle",
+    "target_names",
+]
 
 MAX_MANIFEST_BYTES = 8 << 20
 
@@ -47,13 +53,21 @@ def _looks_like(runtime: str, head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x08
 
 
-def _unpack(tar_path: Path, dest: Path, max_bytes: int) -> tuple[Manifest, Path]:
+def _open_tar(tar_path: Path) -> tarfile.TarFile:
+    """Open a bundle tar for the caller to close (``with _open_tar(p) as tar``).
+
+    Raises:
+        BundleRejected: the file is not a (possibly compressed) tar archive.
+    """
     try:
-        tar = tarfile.open(tar_path)
+        return tarfile.open(tar_path)
     except (tarfile.TarError, OSError) as exc:
         raise BundleRejected(f"bundle is not a tar archive (tar or tar.gz of the bundle "
                              f"directory): {exc}") from exc
-    with tar:
+
+
+def _unpack(tar_path: Path, dest: Path, max_bytes: int) -> tuple[Manifest, Path]:
+    with _open_tar(tar_path) as tar:
         found: dict[str, tarfile.TarInfo] = {}
         try:
             members = tar.getmembers()

@@ -301,7 +301,7 @@ def test_open_without_repository(tmp_path: Path) -> None:
 def test_open_detects_tampered_metadata(tmp_path: Path) -> None:
     repo = TufRepository.create(tmp_path / "server", now=FIXED_NOW)
     _flip_signature(repo.metadata_dir / "timestamp.json")
-    with pytest.raises(RepositoryCorruptError, match="timestamp.json fails verification"):
+    with pytest.raises(RepositoryCorruptError, match=r"timestamp\.json fails verification"):
         TufRepository.open(repo.data_dir)
 
 

@@ -82,8 +82,8 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "fleet")
         yield f"postgresql+psycopg://edgefleet@127.0.0.1:{port}/fleet"
     finally:
-        subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
-                                 "stop"], check=False, capture_output=True, timeout=60)
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
+                        "stop"], check=False, capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
 
 

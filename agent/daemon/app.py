@@ -130,7 +130,9 @@ class Agent:
         self.profile = device_profile(self.prov.profile, profiles_dir)
         self._keys = trusted_keys_from_pem(self.prov.director_keys_pem)
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._observed: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=20_000)
+        # bounded: binary request inputs are views into their request bodies, so every entry
+        # keeps a body alive until the next tick bins it
+        self._observed: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=2_048)
         self.metrics = RequestMetrics(start=clock())
         self.host = ModelHost(workers=2, on_request=self._observe)
         self.server = InferenceServer(self.host, bind_host=config.http_host,
@@ -165,7 +167,7 @@ class Agent:
                  outputs: Mapping[str, np.ndarray] | None) -> None:
         """Inference thread: cheap and thread-safe (deque append); aggregated on the tick."""
         self.metrics.observe(name, version, latency_ms, ok, error_kind)
-        if ok and inputs is not None and outputs is not None:
+        if ok and inputs is not None and outputs is not None and name in self._drift:
             self._observed.append((name, version, inputs, outputs))
 
     def _on_activate(self, name: str, version: str | None, path: Path | None) -> None:

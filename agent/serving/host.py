@@ -339,7 +339,10 @@ class ModelHost:
             answers, inbox.answers = inbox.answers, []
             inbox.scheduled = False
         for done, result, exc in answers:
-            done(result, exc)
+            try:
+                done(result, exc)
+            except Exception:  # one caller's bug must not strand the other answers
+                log.exception("a predict's done callback failed")
 
     def _work(self, job: _Job[T]) -> tuple[T | None, BaseException | None]:
         slot = job.slot

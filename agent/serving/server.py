@@ -27,6 +27,13 @@ Errors are JSON ``{"error": kind, "detail": message}``::
     431 headers_too_large
     500 runtime_error      the engine failed (RuntimeLoadError), with its message
     500 internal           a bug; logged with its traceback
+    503 unavailable        the host was closed (the daemon is stopping)
+    505 http_version_not_supported
+
+Keep-alive is the default on HTTP/1.1 (``Connection: close`` ends it); idle connections are
+closed after ``idle_timeout_s``. Errors in the HTTP framing itself (request line, headers,
+lengths) and 413 close the connection after the answer; errors about a well-framed request
+keep it open.
 
 The server speaks plain HTTP and has no authentication: it is meant for loopback, and says so
 loudly in the log when bound to any other address.
@@ -230,9 +237,9 @@ class _Connection(asyncio.Protocol):
         while (self._pending is None and not self._write_paused and self._transport is not None
                and self._discard < 0):
             if self._request is None:
-                end = self._buf.find(b"\r\n\r\n")
+                end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
                 if end < 0:
-                    if len(self._buf) > MAX_HEAD_BYTES:
+                    if len(self._buf) >= MAX_HEAD_BYTES + 4:
                         self._fail(_HttpError(431, "headers_too_large", "request line and "
                                               f"headers over {MAX_HEAD_BYTES} bytes",
                                               close=True))

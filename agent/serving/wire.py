@@ -115,11 +115,10 @@ def _wire_array(name: str, value: np.ndarray) -> np.ndarray:
     """
     arr = value if isinstance(value, np.ndarray) and value.flags.c_contiguous \
         else np.ascontiguousarray(value)
-    if arr.dtype not in _WIRE_NAMES:  # np.dtype equality ignores nothing but byte order
-        order = arr.dtype.newbyteorder("=")
-        if order not in _WIRE_NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be framed; expected "
-                             f"one of {', '.join(DTYPES)}")
+    # a non-native byte order is another dtype: look up its native twin
+    if arr.dtype not in _WIRE_NAMES and arr.dtype.newbyteorder("=") not in _WIRE_NAMES:
+        raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be framed; expected one "
+                         f"of {', '.join(DTYPES)}")
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
         arr = arr.astype(_LE_DTYPES[_wire_name(arr)])
     return arr

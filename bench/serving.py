@@ -1,0 +1,516 @@
+"""Benchmark the agent's local inference API against raw onnxruntime and a FastAPI peer.
+
+Usage::
+
+    .venv/bin/python bench/serving.py                  # plain-text table
+    .venv/bin/python bench/serving.py --markdown       # Markdown table
+    .venv/bin/python bench/serving.py --runs 5000 --duration 10 --out /tmp/bench-serving
+    .venv/bin/python bench/serving.py --peer-pythonpath /tmp/uvicorn-standard   # see (b)
+
+Model: the digits MLP from :func:`model_tools.examples.train_digits_mlp` (input ``input``
+float32 ``[N, 64]``), one eval sample per request. The agent runs in its own process (as the
+daemon would), started by this script in ``--serve-agent`` mode: ``ModelHost`` (default 2
+inference threads) + ``InferenceServer`` on 127.0.0.1.
+
+(a) Latency, one keep-alive client in this process, interleaved in ``--rounds`` blocks so
+    machine noise hits every method alike: raw ``InferenceSession.run`` in this process (same
+    model, same input, same thread options) against a predict over loopback, arrays in and
+    arrays out (the client encodes the request and decodes the answer inside the timed call).
+    Two clients: ``lean`` (a raw keep-alive socket; what the server adds, the client costing
+    as little as possible; the target is judged on this one) and ``AgentClient``
+    (``agent.serving.client``: http.client, what ``edgefleet-agent predict`` uses). Goal:
+    p50 overhead <= 0.3 ms.
+(b) Throughput: ``wrk -t2 -c8 -d<duration>s`` posting the same JSON body to the agent and to
+    the hand-written peer (``bench/peers/fastapi_peer.py``: FastAPI + uvicorn, 1 worker, no
+    access log), alternating agent/peer for ``--wrk-rounds`` rounds after a warm-up each.
+    Goal: agent >= 1.5x the peer's requests/s, judged against the fastest peer run. uvicorn
+    picks httptools/uvloop when they are importable (``uvicorn[standard]``, which
+    ``fastapi[standard]`` installs), else h11 + asyncio; the table names the stack.
+    ``--peer-pythonpath DIR`` runs a second peer with DIR on its PYTHONPATH (e.g. after
+    ``pip install --target DIR httptools uvloop``), so both stacks are measured without
+    changing the project's environment. Skipped, and said so, without ``wrk``.
+(c) Memory: VmRSS of the agent process (model loaded, after warm-up requests) against a bare
+    ``python -c`` process that imports onnxruntime and holds an ``InferenceSession`` of the
+    same model with the same thread options (after as many warm-up runs). Goal: <= +25 MB.
+
+Goals are reported, never asserted: exit code 0 means the run finished (1 error, 2 usage).
+Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+PEER_DIR = Path(__file__).resolve().parent / "peers"
+MODEL_NAME = "digits-mlp"
+
+GOAL_OVERHEAD_MS = 0.3  # (a) p50 predict over loopback minus p50 raw session.run
+GOAL_THROUGHPUT_RATIO = 1.5  # (b) agent requests/s over the peer's, 8 connections
+GOAL_RSS_DELTA_MB = 25.0  # (c) agent RSS minus bare python + onnxruntime RSS
+WARMUP = 300
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- child modes: the agent server, the bare session ------------------------------------------
+
+
+def serve_agent(model: Path, port_file: Path, threads: int, workers: int) -> int:
+    """Run the agent's server on 127.0.0.1:0 with ``model`` loaded until SIGTERM."""
+    import asyncio
+
+    from agent.serving.host import ModelHost
+    from agent.serving.runtime import OnnxRuntime
+    from agent.serving.server import InferenceServer
+
+    async def run() -> None:
+        host = ModelHost(workers=workers)
+        host.swap(MODEL_NAME, "1", OnnxRuntime().load(model, threads=threads))
+        server = InferenceServer(host, bind_host="127.0.0.1", port=0)
+        await server.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(server.port))
+        os.replace(tmp, port_file)
+        await stop.wait()
+        await server.stop()
+        host.close()
+
+    asyncio.run(run())
+    return 0
+
+
+BARE_SESSION = """
+import sys, numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.intra_op_num_threads = {threads}; o.inter_op_num_threads = 1
+s = ort.InferenceSession({model!r}, sess_options=o, providers=["CPUExecutionProvider"])
+x = np.load({sample!r})
+for _ in range({warmup}): s.run(None, {{"input": x}})
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_port(port_file: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists():
+            return int(port_file.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent server exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError("agent server did not start")
+
+
+def wait_http(port: int, path: str, body: bytes, timeout: float = 60.0) -> None:
+    """Poll until ``POST path`` answers 200 (the peer takes a while to import)."""
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200:
+                return
+            raise RuntimeError(f"POST {path} on port {port}: HTTP {status}")
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class LeanClient:
+    """A keep-alive HTTP/1.1 client on a raw socket: the least a client can cost."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def post(self, path: str, ctype: str, body: bytes, accept: str = "") -> bytes:
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                f"{'Accept: ' + accept + chr(13) + chr(10) if accept else ''}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.sock.sendall(head + body)
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self.sock.recv(65536)
+        head_text = buf[:end].decode("latin-1")
+        if not head_text.startswith("HTTP/1.1 200"):
+            raise RuntimeError(f"lean client: {head_text.splitlines()[0]}")
+        match = re.search(r"(?im)^content-length:\s*(\d+)", head_text)
+        assert match is not None
+        total = end + 4 + int(match.group(1))
+        while len(buf) < total:
+            buf += self.sock.recv(65536)
+        self.buf = buf[total:]
+        return buf[end + 4:total]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def measure_latency(port: int, model: Path, sample: Any, threads: int, runs: int,
+                    rounds: int) -> dict[str, tuple[float, float]]:
+    """Interleaved p50/p95 in ms per method (see (a) in the module docstring)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from agent.serving import wire
+    from agent.serving.client import AgentClient
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), sess_options=opts,
+                                   providers=["CPUExecutionProvider"])
+    feeds = {"input": sample}
+    path = f"/v1/models/{MODEL_NAME}/predict"
+    lean = LeanClient(port)
+    agent = AgentClient("127.0.0.1", port)
+    expected = session.run(None, feeds)
+
+    def lean_binary() -> Any:
+        body = lean.post(path, wire.TENSORS_CONTENT_TYPE, wire.encode_tensors(feeds),
+                         accept=wire.TENSORS_CONTENT_TYPE)
+        return wire.decode_tensors(body).tensors
+
+    def lean_json() -> Any:
+        body = lean.post(path, wire.JSON_CONTENT_TYPE, wire.encode_json_inputs(feeds))
+        return wire.decode_json_prediction(body).outputs
+
+    methods: dict[str, Callable[[], Any]] = {
+        "raw session.run (in process)": lambda: session.run(None, feeds),
+        "predict, binary, lean client": lean_binary,
+        "predict, JSON, lean client": lean_json,
+        "predict, binary, AgentClient": lambda: agent.predict(MODEL_NAME, feeds, binary=True),
+        "predict, JSON, AgentClient": lambda: agent.predict(MODEL_NAME, feeds, binary=False),
+    }
+    got = lean_binary()
+    if not np.array_equal(got["probabilities"], expected[1]):
+        raise RuntimeError("the agent's answer differs from onnxruntime's")
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():
+        for _ in range(WARMUP):
+            fn()
+    per_round = max(1, runs // rounds)
+    clock = time.perf_counter
+    for r in range(rounds):
+        order = list(methods.items())
+        if r % 2:
+            order.reverse()
+        for name, fn in order:
+            out = samples[name]
+            for _ in range(per_round):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+    lean.close()
+    agent.close()
+    return {name: (percentile(v, 50) * 1e3, percentile(v, 95) * 1e3)
+            for name, v in samples.items()}
+
+
+def run_wrk(port: int, script: Path, duration: float, connections: int) -> tuple[float, int, str]:
+    """requests/s, non-2xx count, latency line."""
+    url = f"http://127.0.0.1:{port}/v1/models/{MODEL_NAME}/predict"
+    proc = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "-s",
+                           str(script), url], capture_output=True, text=True, check=True)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", proc.stdout)
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", proc.stdout)
+    errors = re.search(r"Socket errors:.*", proc.stdout)
+    lat = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)", proc.stdout)
+    if rps is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{proc.stdout}\n{proc.stderr}")
+    detail = f"avg {lat.group(1)}" if lat else ""
+    if errors:
+        detail += f"; {errors.group(0)}"
+    return float(rps.group(1)), int(bad.group(1)) if bad else 0, detail
+
+
+def wrk_script(out: Path, name: str, body: bytes, ctype: str, accept: str = "") -> Path:
+    body_file = out / f"{name}.body"
+    body_file.write_bytes(body)
+    script = out / f"{name}.lua"
+    accept_line = f'wrk.headers["Accept"] = "{accept}"\n' if accept else ""
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "{ctype}"\n'
+                      f"{accept_line}"
+                      f'local f = assert(io.open("{body_file}", "rb"))\n'
+                      "wrk.body = f:read(\"*a\")\nf:close()\n")
+    return script
+
+
+def peer_stack(env: dict[str, str]) -> str:
+    probe = ("import importlib.util as u, uvicorn; print(uvicorn.__version__, "
+             "'httptools' if u.find_spec('httptools') else 'h11', "
+             "'uvloop' if u.find_spec('uvloop') else 'asyncio')")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, check=True)
+    ver, http, loop = proc.stdout.split()
+    return f"uvicorn {ver}, {http} + {loop}"
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def render(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths)),
+                      *(fmt.format(*r) for r in rows)])
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def machine_info() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or cpu
+    info = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
+            "python": platform.python_version(),
+            "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    for dist in ("onnxruntime", "numpy", "fastapi", "uvicorn"):
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = "not installed"
+    return info
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="scratch dir (bench/out)")
+    p.add_argument("--runs", type=int, default=4000, help="timed calls per latency method")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved latency blocks")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--workers", type=int, default=2, help="agent inference threads")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    p.add_argument("--connections", type=int, default=8, help="wrk connections")
+    p.add_argument("--wrk-rounds", type=int, default=2, help="agent/peer wrk alternations")
+    p.add_argument("--peer-pythonpath", default="",
+                   help="also run a peer with this PYTHONPATH (e.g. httptools + uvloop)")
+    p.add_argument("--skip-wrk", action="store_true", help="skip (b)")
+    p.add_argument("--serve-agent", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.rounds < 1 or args.threads < 1 or args.duration <= 0:
+        p.error("--runs, --rounds, --threads must be >= 1 and --duration > 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_agent is not None:
+        return serve_agent(args.serve_agent, args.port_file, args.threads, args.workers)
+    import numpy as np
+
+    from agent.serving import wire
+    from model_tools.examples import train_digits_mlp
+
+    md: bool = args.markdown
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="serving-", dir=out))
+    log(f"training the digits MLP into {out / 'models'}")
+    example = train_digits_mlp(out / "models")
+    model = example.onnx_path
+    sample = np.asarray(np.load(example.eval_path)[example.input_name][:1], dtype=np.float32)
+    np.save(scratch / "sample.npy", sample)
+    json_body = wire.encode_json_inputs({"input": sample})
+    path = f"/v1/models/{MODEL_NAME}/predict"
+    info = machine_info()
+    rows: list[list[str]] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        log("starting the agent's server")
+        port_file = scratch / "agent.port"
+        agent = subprocess.Popen(
+            [sys.executable, __file__, "--serve-agent", str(model), "--port-file",
+             str(port_file), "--threads", str(args.threads), "--workers", str(args.workers)],
+            cwd=ROOT)
+        procs.append(agent)
+        port = wait_port(port_file, agent)
+        wait_http(port, path, json_body)
+
+        # (a) latency
+        log(f"(a) latency: {args.runs} calls per method in {args.rounds} interleaved rounds")
+        lat = measure_latency(port, model, sample, args.threads, args.runs, args.rounds)
+        raw50, raw95 = lat.pop("raw session.run (in process)")
+        rows.append(["(a) latency: raw session.run, in process",
+                     f"p50 {raw50:.3f} ms, p95 {raw95:.3f} ms", "baseline", "", ""])
+        for name, (p50, p95) in lat.items():
+            judged = "lean" in name
+            rows.append([f"(a) latency: {name}", f"p50 {p50:.3f} ms, p95 {p95:.3f} ms",
+                         f"overhead p50 +{p50 - raw50:.3f} ms, p95 +{p95 - raw95:.3f} ms",
+                         f"<= +{GOAL_OVERHEAD_MS} ms" if judged else "(info)",
+                         verdict(p50 - raw50 <= GOAL_OVERHEAD_MS) if judged else ""])
+
+        # (c) memory, before wrk so the agent's RSS is not inflated by 8 connections' buffers
+        log("(c) memory: bare python + onnxruntime holding the same model")
+        bare = subprocess.Popen(
+            [sys.executable, "-c", BARE_SESSION.format(threads=args.threads, model=str(model),
+                                                        sample=str(scratch / "sample.npy"),
+                                                        warmup=WARMUP)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(bare)
+        assert bare.stdout is not None
+        if bare.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the bare onnxruntime process did not start")
+        agent_rss, bare_rss = rss_mb(agent.pid), rss_mb(bare.pid)
+        rows.append(["(c) RSS, model loaded, after warm-up",
+                     f"agent {agent_rss:.1f} MB, bare python+onnxruntime {bare_rss:.1f} MB",
+                     f"+{agent_rss - bare_rss:.1f} MB", f"<= +{GOAL_RSS_DELTA_MB:g} MB",
+                     verdict(agent_rss - bare_rss <= GOAL_RSS_DELTA_MB)])
+
+        # (b) throughput
+        if args.skip_wrk:
+            rows.append(["(b) throughput", "skipped (--skip-wrk)", "", "", ""])
+        elif shutil.which("wrk") is None:
+            log("(b) throughput: wrk is not installed (apt-get install -y wrk); skipped")
+            rows.append(["(b) throughput", "skipped: wrk not installed", "", "", ""])
+        else:
+            base_env = dict(os.environ, EDGEFLEET_PEER_MODEL=str(model),
+                            EDGEFLEET_PEER_THREADS=str(args.threads))
+            envs = [base_env]
+            if args.peer_pythonpath:
+                envs.append(dict(base_env, PYTHONPATH=os.pathsep.join(
+                    [args.peer_pythonpath, *filter(None, [base_env.get("PYTHONPATH")])])))
+            json_script = wrk_script(scratch, "json", json_body, wire.JSON_CONTENT_TYPE)
+            bin_script = wrk_script(scratch, "binary", wire.encode_tensors({"input": sample}),
+                                    wire.TENSORS_CONTENT_TYPE, wire.TENSORS_CONTENT_TYPE)
+            targets: dict[str, tuple[int, Path]] = {"agent JSON": (port, json_script),
+                                                    "agent binary": (port, bin_script)}
+            peer_rss: dict[str, float] = {}
+            for env in envs:
+                stack = peer_stack(env)
+                if any(stack in name for name in targets):
+                    continue  # --peer-pythonpath added nothing uvicorn would pick up
+                peer_port = free_port()
+                log(f"(b) throughput: starting the FastAPI peer ({stack})")
+                peer = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "fastapi_peer:app", "--app-dir",
+                     str(PEER_DIR), "--host", "127.0.0.1", "--port", str(peer_port),
+                     "--workers", "1", "--no-access-log", "--log-level", "warning"], env=env)
+                procs.append(peer)
+                wait_http(peer_port, path, json_body)
+                name = f"peer JSON ({stack})"
+                targets[name] = (peer_port, json_script)
+                peer_rss[name] = rss_mb(peer.pid)
+            results: dict[str, list[tuple[float, int, str]]] = {name: [] for name in targets}
+            for r in range(args.wrk_rounds):
+                names = list(targets) if r % 2 == 0 else list(reversed(targets))
+                for name in names:
+                    p, script = targets[name]
+                    log(f"  round {r + 1}: {name} (warm-up 2 s, then {args.duration:g} s)")
+                    run_wrk(p, script, 2.0, args.connections)
+                    results[name].append(run_wrk(p, script, args.duration, args.connections))
+
+            def mean_rps(name: str) -> float:
+                return sum(x[0] for x in results[name]) / len(results[name])
+
+            best_peer = max((n for n in targets if n.startswith("peer")), key=mean_rps)
+            peer_rps = mean_rps(best_peer)
+            for name in targets:
+                rps = mean_rps(name)
+                bad = sum(x[1] for x in results[name])
+                detail = "; ".join(x[2] for x in results[name])
+                judged = name == "agent JSON"
+                rows.append([f"(b) throughput, wrk -t2 -c{args.connections}: {name}",
+                             f"{rps:,.0f} req/s (non-2xx {bad}; {detail})",
+                             f"{rps / peer_rps:.2f}x the fastest peer",
+                             f">= {GOAL_THROUGHPUT_RATIO}x" if judged else "(info)",
+                             verdict(rps / peer_rps >= GOAL_THROUGHPUT_RATIO) if judged else ""])
+            for name, mb in peer_rss.items():
+                rows.append([f"(c) RSS of the {name.replace(' JSON', '')} after start (info)",
+                             f"{mb:.1f} MB", f"{mb - bare_rss:+.1f} MB vs bare", "", ""])
+            agent_after = rss_mb(agent.pid)
+            rows.append(["(c) RSS of the agent after wrk (info)", f"{agent_after:.1f} MB",
+                         f"{agent_after - bare_rss:+.1f} MB vs bare", "", ""])
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    heading = "### " if md else "== "
+    print(f"{heading}Machine\n")
+    print("\n".join(f"- {k}: {v}" for k, v in info.items()))
+    print(f"- model: {MODEL_NAME} (input float32 [1, 64]); onnxruntime intra-op threads "
+          f"{args.threads}; agent inference threads {args.workers}")
+    print(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"\n{heading}Serving\n")
+    print(render(["measure", "result", "vs baseline", "goal", "verdict"], rows, md))
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

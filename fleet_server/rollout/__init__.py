@@ -1,0 +1,72 @@
+"""Rollouts: waves, gates and the pure planner that moves a deployment through them.
+
+- :mod:`fleet_server.rollout.spec`: :class:`RolloutSpec` (waves, :class:`Gates`, on_failure),
+  checked on construction; ``from_dict``/``to_dict`` and the ``"5%,25%,100%"`` shorthand.
+- :mod:`fleet_server.rollout.planner`: :func:`plan` (state + reports + clock + commands ->
+  new state + actions), :func:`desired` and :func:`summary`. Pure: no I/O, no clock reads.
+
+Errors: :class:`SpecError` (a bad spec) and :class:`CommandError` (a command the rollout's
+status does not allow) are both ``ValueError``; the API maps them to 422 and 409.
+"""
+
+from fleet_server.rollout.planner import (
+    Action,
+    Assignment,
+    AssignVersion,
+    Cancel,
+    Command,
+    CommandError,
+    DeviceReport,
+    GateReport,
+    Pause,
+    Resume,
+    RevertDevice,
+    RolloutCancelled,
+    RolloutCompleted,
+    RolloutPaused,
+    RolloutResumed,
+    RolloutRolledBack,
+    RolloutState,
+    RolloutSuperseded,
+    Supersede,
+    WaveAdvanced,
+    assignment_order,
+    desired,
+    outcome,
+    plan,
+    summary,
+)
+from fleet_server.rollout.spec import Gates, RolloutSpec, SpecError, WaveSpec, parse_waves
+
+__all__ = [
+    "Action",
+    "AssignVersion",
+    "Assignment",
+    "Cancel",
+    "Command",
+    "CommandError",
+    "DeviceReport",
+    "GateReport",
+    "Gates",
+    "Pause",
+    "Resume",
+    "RevertDevice",
+    "RolloutCancelled",
+    "RolloutCompleted",
+    "RolloutPaused",
+    "RolloutResumed",
+    "RolloutRolledBack",
+    "RolloutSpec",
+    "RolloutState",
+    "RolloutSuperseded",
+    "SpecError",
+    "Supersede",
+    "WaveAdvanced",
+    "WaveSpec",
+    "assignment_order",
+    "desired",
+    "outcome",
+    "parse_waves",
+    "plan",
+    "summary",
+]

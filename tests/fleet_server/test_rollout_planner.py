@@ -1,0 +1,681 @@
+"""The rollout planner as named, table-driven scenarios (STYLE rules 1, 13, 16).
+
+Each scenario is a spec, a fleet and a timeline of steps. A step gives the clock, the reports
+the devices send (a *policy*: every device assigned so far reports ``default`` unless its
+(wave, position) is overridden; devices not assigned yet run the old version) and operator
+commands; it expects the status after the step and the actions, abbreviated by :func:`brief`
+(passing gate reports are left out, failing ones show as ``FAIL wave:gate``). Every run also
+checks invariants: no device assigned or reverted twice, and the actions replayed onto the
+devices agree with the level-triggered :func:`desired` view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from fleet_server.rollout import (
+    Action,
+    AssignVersion,
+    Cancel,
+    Command,
+    CommandError,
+    DeviceReport,
+    GateReport,
+    Gates,
+    Pause,
+    Resume,
+    RevertDevice,
+    RolloutCancelled,
+    RolloutCompleted,
+    RolloutPaused,
+    RolloutResumed,
+    RolloutRolledBack,
+    RolloutSpec,
+    RolloutState,
+    RolloutSuperseded,
+    Supersede,
+    WaveAdvanced,
+    assignment_order,
+    desired,
+    plan,
+    summary,
+)
+
+OLD, NEW = "v1", "v2"
+
+
+def fleet_of(n: int) -> list[str]:
+    return [f"dev-{i:03d}" for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+# ---------------------------------------------------------------------------------------------
+Override = str | Mapping[str, Any]
+
+
+def report(device_id: str, kind: str, **extra: Any) -> DeviceReport | None:
+    """One device's report: ``kind`` says how its update of NEW went."""
+    base: dict[str, Any] = {"profile": "rpi4", "latency_budget_ms": 50.0, "online": True}
+    if kind == "unassigned":
+        base.update(running_version=OLD, applied_sequence=3, last_result="ok")
+    elif kind == "ok":
+        base.update(running_version=NEW, applied_sequence=4, desired_sequence=4,
+                    last_result="ok", requests=500, errors=0, p95_ms=20.0, max_psi=0.01,
+                    samples=500)
+    elif kind == "updating":
+        base.update(running_version=OLD, applied_sequence=3, desired_sequence=4,
+                    last_result="ok")
+    elif kind in ("failed", "rolled_back", "refused"):
+        base.update(running_version=OLD, applied_sequence=4, desired_sequence=4,
+                    last_result=kind, last_error=f"{kind} on the device")
+    elif kind == "wrong_version":
+        base.update(running_version="v0", applied_sequence=4, desired_sequence=4,
+                    last_result="ok")
+    elif kind == "offline":
+        base.update(running_version=OLD, applied_sequence=3, desired_sequence=4,
+                    last_result="ok", online=False)
+    elif kind == "silent":
+        return None
+    else:
+        raise AssertionError(f"unknown report kind {kind!r}")
+    base.update(extra)
+    return DeviceReport(device_id, **base)
+
+
+Policy = Callable[[RolloutState, Sequence[str]], list[DeviceReport]]
+
+
+def fleet(default: str = "ok", overrides: Mapping[tuple[int, int], Override] | None = None,
+          **health: Any) -> Policy:
+    """Every assigned device reports ``default`` (with ``health`` on "ok" reports) unless
+    ``overrides[(wave, position in wave)]`` says another kind, or gives extra fields."""
+    def policy(state: RolloutState, devices: Sequence[str]) -> list[DeviceReport]:
+        out = []
+        for device_id in devices:
+            a = state.assignment(device_id)
+            if a is None:
+                r = report(device_id, "unassigned")
+            else:
+                o = (overrides or {}).get((a.wave, state.wave_devices(a.wave).index(device_id)))
+                kind = o if isinstance(o, str) else default
+                extra = dict(health) if kind == "ok" else {}
+                if isinstance(o, Mapping):
+                    extra.update(o)
+                r = report(device_id, kind, **extra)
+            if r is not None:
+                out.append(r)
+        return out
+    return policy
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    at: int
+    status: str
+    actions: list[str]
+    reports: Policy = field(default_factory=fleet)
+    commands: tuple[Command, ...] = ()
+    devices: Sequence[str] | None = None  # the fleet from this step on
+
+
+@dataclass(frozen=True)
+class Scenario:
+    spec: RolloutSpec
+    devices: Sequence[str]
+    steps: Sequence[Step]
+
+
+def spec(waves: str, on_failure: str = "pause", **gates: Any) -> RolloutSpec:
+    g: dict[str, Any] = {"min_committed": 1.0, "max_failed": 0.0, "bake_s": 60,
+                         "min_samples": 100, "offline_grace_s": 300}
+    g.update(gates)
+    return RolloutSpec.parse(waves, Gates(**g), on_failure)  # type: ignore[arg-type]
+
+
+def brief(actions: Sequence[Action]) -> list[str]:
+    words: list[str] = []
+    for a in actions:
+        if isinstance(a, GateReport):
+            if a.ok is not False:
+                continue
+            word = f"FAIL {a.wave}:{a.gate}"
+        elif isinstance(a, AssignVersion):
+            word = "assign"
+        elif isinstance(a, RevertDevice):
+            word = f"revert {a.version}"
+        elif isinstance(a, WaveAdvanced):
+            word = f"wave {a.index}"
+        else:
+            word = {RolloutPaused: "paused", RolloutResumed: "resumed",
+                    RolloutRolledBack: "rolled_back", RolloutCompleted: "completed",
+                    RolloutCancelled: "cancelled", RolloutSuperseded: "superseded"}[type(a)]
+        words.append(word)
+    out: list[str] = []
+    for word in words:  # collapse runs: assign, assign, assign -> assign*3
+        if out and out[-1].split("*")[0] == word:
+            head, _, count = out[-1].partition("*")
+            out[-1] = f"{head}*{int(count or 1) + 1}"
+        else:
+            out.append(word)
+    return out
+
+
+def run(sc: Scenario) -> list[tuple[RolloutState, tuple[Action, ...]]]:
+    state = RolloutState("rollout-7", "digits", NEW)
+    devices = list(sc.devices)
+    on_device: dict[str, str | None] = {}  # the actions replayed
+    assigned: set[str] = set()
+    reverted: set[str] = set()
+    history = []
+    for step in sc.steps:
+        devices = list(step.devices) if step.devices is not None else devices
+        reports = step.reports(state, devices)
+        state, actions = plan(sc.spec, state, devices, reports, step.at, step.commands)
+        where = f"at t={step.at}: {brief(actions)} ({state.reason})"
+        assert state.status == step.status, where
+        assert brief(actions) == step.actions, where
+        for a in actions:
+            if isinstance(a, AssignVersion):
+                assert a.device_id not in assigned, f"{a.device_id} assigned twice"
+                assigned.add(a.device_id)
+                on_device[a.device_id] = a.version
+            elif isinstance(a, RevertDevice):
+                assert a.device_id not in reverted, f"{a.device_id} reverted twice"
+                reverted.add(a.device_id)
+                on_device[a.device_id] = a.version
+        active = {a.device_id for a in state.assignments if a.active}
+        assert desired(state) == {d: on_device[d] for d in active}, where
+        history.append((state, actions))
+    return history
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "happy-path-three-waves-completes": Scenario(spec("5%,25%,100%"), fleet_of(20), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(30, "running", []),
+        Step(60, "running", ["wave 1", "assign*4"]),
+        Step(120, "running", ["wave 2", "assign*15"]),
+        Step(180, "completed", ["completed"]),
+        Step(240, "completed", []),
+    ]),
+    "bake-not-elapsed-no-advance": Scenario(spec("50%,100%", bake_s=600), fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(10, "running", []),  # all committed at once, but baking
+        Step(599, "running", []),
+        Step(600, "running", ["wave 1", "assign*2"]),
+    ]),
+    "bake-counts-from-the-waves-last-assignment": Scenario(spec("50%,100%", bake_s=100),
+                                                           fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(50, "running", ["assign"], devices=fleet_of(6)),  # 50% of 6 is 3
+        Step(100, "running", []),  # 100 s after the first assignments, 50 after the last
+        Step(150, "running", ["wave 1", "assign*3"]),
+    ]),
+    "too-many-failures-pause": Scenario(spec("50%,100%", max_failed=0.2), fleet_of(10), [
+        Step(0, "running", ["wave 0", "assign*5"]),
+        Step(10, "paused", ["revert v1*2", "FAIL 0:failed", "FAIL 0:committed", "paused"],
+             reports=fleet(overrides={(0, 1): "failed", (0, 3): "refused"})),
+        Step(20, "paused", [], reports=fleet(overrides={(0, 1): "failed", (0, 3): "refused"})),
+    ]),
+    "too-many-failures-rollback-reverts-every-moved-device": Scenario(
+        spec("50%,100%", "rollback", max_failed=0.2), fleet_of(10), [
+            Step(0, "running", ["wave 0", "assign*5"]),
+            Step(10, "rolled_back", ["revert v1*2", "FAIL 0:failed", "FAIL 0:committed",
+                                     "revert v1*3", "rolled_back"],
+                 reports=fleet(overrides={(0, 0): "failed", (0, 4): "wrong_version"})),
+            Step(20, "rolled_back", []),
+        ]),
+    "failures-within-the-limit-advance": Scenario(
+        spec("50%,100%", max_failed=0.25, min_committed=0.75), fleet_of(8), [
+            Step(0, "running", ["wave 0", "assign*4"]),
+            Step(60, "running", ["revert v1", "wave 1", "assign*4"],
+                 reports=fleet(overrides={(0, 2): "failed"})),
+        ]),
+    "committed-unreachable-fails": Scenario(
+        spec("50%,100%", max_failed=0.5, min_committed=1.0), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(5, "paused", ["revert v1", "FAIL 0:committed", "paused"],
+                 reports=fleet(overrides={(0, 0): "rolled_back"})),
+        ]),
+    "error-rate-gate-fails-after-the-bake": Scenario(
+        spec("50%,100%", max_error_rate=0.05), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(30, "running", [], reports=fleet(overrides={(0, 1): {"errors": 50}})),
+            Step(60, "paused", ["FAIL 0:error_rate", "paused"],
+                 reports=fleet(overrides={(0, 1): {"errors": 50}})),
+        ]),
+    "error-rate-within-the-limit-passes": Scenario(
+        spec("50%,100%", max_error_rate=0.05), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", ["wave 1", "assign*2"], reports=fleet(errors=25)),
+        ]),
+    "p95-gate-fails-against-the-spec-limit": Scenario(
+        spec("50%,100%", "rollback", max_p95_ms=30.0), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "rolled_back", ["FAIL 0:p95_ms", "revert v1*2", "rolled_back"],
+                 reports=fleet(p95_ms=31.0)),
+        ]),
+    "p95-gate-fails-against-the-profile-budget": Scenario(spec("50%,100%"), fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(60, "paused", ["FAIL 0:p95_ms", "paused"],
+             reports=fleet(overrides={(0, 0): {"profile": "jetson-orin-nano",
+                                               "latency_budget_ms": 10.0, "p95_ms": 12.0}})),
+    ]),
+    "p95-within-each-profile-budget-passes": Scenario(spec("50%,100%"), fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(60, "running", ["wave 1", "assign*2"], reports=fleet(
+            p95_ms=45.0, overrides={(0, 0): {"profile": "rpi-zero2w",
+                                             "latency_budget_ms": 200.0, "p95_ms": 150.0}})),
+    ]),
+    "psi-gate-fails": Scenario(spec("50%,100%", "rollback", max_psi=0.2), fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(60, "rolled_back", ["FAIL 0:psi", "revert v1*2", "rolled_back"],
+             reports=fleet(overrides={(0, 1): {"max_psi": 0.45}})),
+    ]),
+    "too-few-samples-waits-then-passes": Scenario(
+        spec("50%,100%", max_error_rate=0.05, max_psi=0.2), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", [], reports=fleet(requests=99, samples=99, errors=50,
+                                                  max_psi=0.9, p95_ms=900.0)),
+            Step(600, "running", [], reports=fleet(requests=99, samples=99, errors=50,
+                                                   max_psi=0.9, p95_ms=900.0)),
+            Step(700, "running", ["wave 1", "assign*2"], reports=fleet(requests=100)),
+        ]),
+    "too-few-samples-then-enough-bad-ones-fail": Scenario(
+        spec("50%,100%", max_psi=0.2), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", [], reports=fleet(samples=10, max_psi=0.9)),
+            Step(70, "paused", ["FAIL 0:psi", "paused"], reports=fleet(max_psi=0.9)),
+        ]),
+    "device-rolled-back-by-itself-counts-as-failed": Scenario(
+        spec("2,all", max_failed=0.5, min_committed=0.5), fleet_of(6), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", ["revert v1", "wave 1", "assign*4"],
+                 reports=fleet(overrides={(0, 1): "rolled_back"})),
+        ]),
+    "earlier-wave-going-bad-stops-the-rollout": Scenario(
+        spec("2,all", max_failed=0.0), fleet_of(6), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", ["wave 1", "assign*4"]),
+            Step(70, "paused", ["revert v1", "FAIL 0:failed", "paused"],
+                 reports=fleet(overrides={(0, 0): "rolled_back"})),
+        ]),
+    "offline-within-grace-pending-past-grace-failed": Scenario(
+        spec("50%,100%", offline_grace_s=300), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(100, "running", [], reports=fleet(overrides={(0, 0): "offline"})),
+            Step(299, "running", [], reports=fleet(overrides={(0, 0): "offline"})),
+            Step(300, "paused", ["revert v1", "FAIL 0:failed", "FAIL 0:committed", "paused"],
+                 reports=fleet(overrides={(0, 0): "offline"})),
+        ]),
+    "never-reported-past-grace-failed": Scenario(
+        spec("50%,100%", "rollback", offline_grace_s=300), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(300, "rolled_back", ["revert v1", "FAIL 0:failed", "FAIL 0:committed",
+                                      "revert v1", "rolled_back"],
+                 reports=fleet(overrides={(0, 1): "silent"})),
+        ]),
+    "no-traffic-waits-for-the-latency-gate": Scenario(spec("50%,100%"), fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(6000, "running", [], reports=fleet(requests=0, p95_ms=None)),
+    ]),
+    "no-traffic-without-health-gates-advances": Scenario(
+        spec("50%,100%", latency_gate=False), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", ["wave 1", "assign*2"], reports=fleet(requests=0, p95_ms=None)),
+        ]),
+    "online-but-slow-stays-pending": Scenario(spec("50%,100%"), fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(10_000, "running", [], reports=fleet(overrides={(0, 0): "updating"})),
+        Step(10_001, "running", ["wave 1", "assign*2"]),
+    ]),
+    "pause-before-start-assigns-nothing": Scenario(spec("50%,100%"), fleet_of(4), [
+        Step(0, "paused", ["paused"], commands=(Pause(),)),
+        Step(100, "paused", []),
+        Step(200, "running", ["resumed", "wave 0", "assign*2"], commands=(Resume(),)),
+    ]),
+    "pause-mid-wave-holds-then-resume-advances": Scenario(spec("5%,25%,100%"), fleet_of(20), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(30, "paused", ["paused"], commands=(Pause(),)),
+        Step(500, "paused", []),
+        Step(500, "paused", [], commands=(Pause(),)),  # idempotent
+        Step(600, "running", ["resumed", "wave 1", "assign*4"], commands=(Resume(),)),
+        Step(600, "running", [], commands=(Resume(),)),  # idempotent
+    ]),
+    "resume-after-a-failed-gate-pauses-again": Scenario(spec("50%,100%"), fleet_of(4), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(60, "paused", ["FAIL 0:p95_ms", "paused"], reports=fleet(p95_ms=80.0)),
+        Step(70, "paused", ["resumed", "FAIL 0:p95_ms", "paused"], reports=fleet(p95_ms=80.0),
+             commands=(Resume(),)),
+        Step(80, "running", ["resumed", "wave 1", "assign*2"], commands=(Resume(),)),
+    ]),
+    "cancel-mid-wave-reverts-moved-devices": Scenario(spec("5%,25%,100%"), fleet_of(20), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(60, "running", ["wave 1", "assign*4"]),
+        Step(70, "cancelled", ["revert v1*5", "cancelled"], commands=(Cancel(),)),
+        Step(80, "cancelled", []),
+    ]),
+    "cancel-while-paused": Scenario(spec("50%,100%", max_failed=0.2), fleet_of(10), [
+        Step(0, "running", ["wave 0", "assign*5"]),
+        Step(10, "paused", ["revert v1*2", "FAIL 0:failed", "FAIL 0:committed", "paused"],
+             reports=fleet(overrides={(0, 1): "failed", (0, 3): "refused"})),
+        Step(20, "cancelled", ["revert v1*3", "cancelled"], commands=(Cancel(),)),
+    ]),
+    "cancel-after-completion-reverts-everything": Scenario(spec("1,all"), fleet_of(3), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(60, "running", ["wave 1", "assign*2"]),
+        Step(120, "completed", ["completed"]),
+        Step(130, "cancelled", ["revert v1*3", "cancelled"], commands=(Cancel(),)),
+    ]),
+    "supersede-mid-rollout-reverts-nothing": Scenario(spec("5%,25%,100%"), fleet_of(20), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(60, "running", ["wave 1", "assign*4"]),
+        Step(61, "superseded", ["superseded"], commands=(Supersede("rollout-8"),)),
+        Step(200, "superseded", []),
+    ]),
+    "supersede-after-completion": Scenario(spec("all"), fleet_of(2), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(60, "completed", ["completed"]),
+        Step(61, "superseded", ["superseded"], commands=(Supersede("rollout-8"),)),
+    ]),
+    "counts-two-ten-all": Scenario(spec("2,10,all"), fleet_of(20), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(60, "running", ["wave 1", "assign*8"]),
+        Step(120, "running", ["wave 2", "assign*10"]),
+        Step(180, "completed", ["completed"]),
+    ]),
+    "counts-then-fractions": Scenario(spec("1,10%,all"), fleet_of(30), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(60, "running", ["wave 1", "assign*2"]),
+        Step(120, "running", ["wave 2", "assign*27"]),
+    ]),
+    "counts-larger-than-the-fleet-pass-through-empty-waves": Scenario(
+        spec("2,10,all"), fleet_of(5), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", ["wave 1", "assign*3"]),
+            Step(120, "completed", ["wave 2", "completed"]),
+        ]),
+    "one-device-fleet": Scenario(spec("5%,25%,100%"), fleet_of(1), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(60, "completed", ["wave 1", "wave 2", "completed"]),
+    ]),
+    "rounding-5-percent-of-7-is-1": Scenario(spec("5%,50%,100%"), fleet_of(7), [
+        Step(0, "running", ["wave 0", "assign"]),
+        Step(60, "running", ["wave 1", "assign*3"]),  # ceil(3.5) = 4 in all
+        Step(120, "running", ["wave 2", "assign*3"]),
+    ]),
+    "rounding-5-percent-of-100-is-5": Scenario(spec("5%,100%"), fleet_of(100), [
+        Step(0, "running", ["wave 0", "assign*5"]),
+    ]),
+    "empty-fleet-completes": Scenario(spec("5%,100%"), [], [
+        Step(0, "completed", ["wave 0", "wave 1", "completed"]),
+    ]),
+    "new-devices-join-a-completed-rollout": Scenario(spec("all"), fleet_of(2), [
+        Step(0, "running", ["wave 0", "assign*2"]),
+        Step(60, "completed", ["completed"]),
+        Step(100, "completed", ["assign*2"], devices=fleet_of(4)),
+        Step(10_000, "completed", [], reports=fleet(overrides={(0, 3): "offline"})),
+        Step(10_001, "completed", ["revert v1"], reports=fleet(overrides={(0, 2): "failed"})),
+    ]),
+    # rollout-7 orders fleet_of(4) as dev-001, dev-000, dev-003, dev-002
+    "deselected-device-counts-nowhere-and-is-not-reverted": Scenario(
+        spec("50%,100%", "rollback"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            # dev-001 leaves the selection while failing: wave 0 is topped up instead
+            Step(60, "running", ["assign"], devices=["dev-000", "dev-002", "dev-003"]),
+            Step(120, "running", ["wave 1", "assign"]),
+            Step(180, "rolled_back", ["revert v1", "FAIL 1:failed", "FAIL 1:committed",
+                                      "revert v1*2", "rolled_back"],
+                 reports=fleet(overrides={(1, 0): "refused"})),
+        ]),
+}
+
+
+@pytest.mark.parametrize("sc", list(SCENARIOS.values()), ids=list(SCENARIOS))
+def test_scenario(sc: Scenario) -> None:
+    run(sc)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism and stable assignment
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SCENARIOS), ids=list(SCENARIOS))
+def test_same_inputs_same_outputs(name: str) -> None:
+    first, second = run(SCENARIOS[name]), run(SCENARIOS[name])
+    assert first == second
+    assert [s.to_dict() for s, _ in first] == [s.to_dict() for s, _ in second]
+
+
+def test_assignment_order_is_stable_when_devices_are_added() -> None:
+    small = assignment_order("rollout-7", fleet_of(20))
+    big = assignment_order("rollout-7", fleet_of(40))
+    assert [d for d in big if d in set(small)] == small
+    assert assignment_order("rollout-7", reversed(fleet_of(20))) == small
+    assert assignment_order("rollout-8", fleet_of(20)) != small  # per rollout, not global
+
+
+def test_added_devices_do_not_reshuffle_earlier_assignments() -> None:
+    sp = spec("10%,50%,100%")
+    state = RolloutState("rollout-7", "digits", NEW)
+    state, _ = plan(sp, state, fleet_of(20), fleet()(state, fleet_of(20)), 0)
+    wave0 = state.wave_devices(0)
+    assert len(wave0) == 2
+    grown = fleet_of(60)
+    state, actions = plan(sp, state, grown, fleet()(state, grown), 10)
+    assert state.wave_devices(0)[:2] == wave0
+    assert len(state.wave_devices(0)) == 6  # 10% of 60
+    assert brief(actions) == ["assign*4"]
+    state, _ = plan(sp, state, grown, fleet()(state, grown), 70)
+    assert state.wave_devices(0)[:2] == wave0 and state.wave == 1
+    assert len(state.wave_devices(1)) == 24
+
+
+def test_the_first_wave_is_the_head_of_the_assignment_order() -> None:
+    state, _ = plan(spec("25%,100%"), RolloutState("r", "digits", NEW), fleet_of(8), [], 0)
+    assert list(state.wave_devices(0)) == assignment_order("r", fleet_of(8))[:2]
+
+
+# ---------------------------------------------------------------------------------------------
+# what the actions and the summary carry
+# ---------------------------------------------------------------------------------------------
+def test_rollback_reverts_each_moved_device_to_its_own_previous_version() -> None:
+    sp = spec("all", "rollback", max_p95_ms=30.0)
+    devices = fleet_of(3)
+    before = [report(d, "unassigned", running_version=v)
+              for d, v in zip(devices, ("v0", OLD, None), strict=True)]
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices,
+                    [r for r in before if r is not None], 0)
+    state, actions = plan(sp, state, devices, fleet(p95_ms=99.0)(state, devices), 60)
+    assert state.status == "rolled_back"
+    reverts = {a.device_id: a.version for a in actions if isinstance(a, RevertDevice)}
+    assert reverts == {"dev-000": "v0", "dev-001": OLD, "dev-002": None}
+    assert desired(state) == reverts
+    assert state.reason is not None and "p95_ms" in state.reason
+
+
+def test_self_rolled_back_device_shows_the_version_it_runs_and_why() -> None:
+    sp = spec("2,all", max_failed=0.5, min_committed=0.5)
+    devices = fleet_of(4)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    bad = state.wave_devices(0)[1]
+    policy = fleet(overrides={(0, 1): "rolled_back"})
+    reports = policy(state, devices)
+    state, actions = plan(sp, state, devices, reports, 10)
+    assert RevertDevice(bad, None, "rolled_back: rolled_back on the device (runs v1)") \
+        in actions  # it never reported before its assignment: previous version unknown
+    view = summary(state, reports)
+    row = next(r for r in view["devices"] if r["device_id"] == bad)
+    assert row["outcome"] == "failed"
+    assert row["running_version"] == OLD
+    assert row["last_result"] == "rolled_back"
+    assert row["last_error"] == "rolled_back on the device"
+    assert view["waves"][0] == {"index": 0, "assigned": 2, "committed": 1, "failed": 1,
+                                "pending": 0, "reverted": 0}
+    assert row["desired_version"] is None
+    assert desired(state)[bad] is None  # the server stops asking for NEW
+
+
+def test_summary_per_wave_and_gates() -> None:
+    sp = spec("50%,100%", max_error_rate=0.1)
+    devices = fleet_of(6)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    reports = fleet(overrides={(0, 1): "updating", (0, 2): "offline"})(state, devices)
+    state, _ = plan(sp, state, devices, reports, 30)
+    view = summary(state, reports)
+    assert view["status"] == "running" and view["wave"] == 0
+    assert view["waves"] == [{"index": 0, "assigned": 3, "committed": 1, "failed": 0,
+                              "pending": 2, "reverted": 0}]
+    gates = {g["gate"]: g for g in view["gates"]}
+    assert gates["committed"]["ok"] is None
+    assert gates["committed"]["detail"] == "1 of 3 devices committed, 2 pending"
+    assert gates["bake"] == {"wave": 0, "gate": "bake", "value": 30.0, "limit": 60.0,
+                             "ok": None, "detail": "30s of 60s since the wave's last assignment"}
+    assert gates["failed"]["ok"] is True
+    assert gates["error_rate"]["ok"] is None  # judged after the bake
+    assert {r["reason"] for r in view["devices"]} == {None, "updating", "offline"}
+
+
+def test_summary_after_a_rollback_follows_the_devices_back() -> None:
+    sp = spec("all", "rollback", max_failed=0.5, min_committed=0.0, max_psi=0.2)
+    devices = fleet_of(4)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices,
+                    fleet()(RolloutState("r", "digits", NEW), devices), 0)
+    state, _ = plan(sp, state, devices, fleet(max_psi=0.3, overrides={
+        (0, 0): "failed"})(state, devices), 60)
+    assert state.status == "rolled_back"
+    order = state.wave_devices(0)
+    # the failed one is back already; one more went back, two still run NEW
+    reports = [report(order[0], "failed"), report(order[1], "unassigned", applied_sequence=5),
+               report(order[2], "ok"), report(order[3], "ok")]
+    view = summary(state, [r for r in reports if r is not None])
+    assert view["waves"] == [{"index": 0, "assigned": 4, "committed": 0, "failed": 1,
+                              "pending": 2, "reverted": 1}]
+    rows = {r["device_id"]: r for r in view["devices"]}
+    assert [rows[d]["outcome"] for d in order] == ["failed", "reverted", "pending", "pending"]
+    assert {rows[d]["desired_version"] for d in order} == {OLD}
+    assert rows[order[2]]["running_version"] == NEW
+    assert rows[order[2]]["reason"] == "reverting"
+
+
+def test_gate_reports_are_emitted_when_a_wave_is_decided() -> None:
+    sp = spec("50%,100%", max_error_rate=0.05, max_psi=0.2)
+    devices = fleet_of(4)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    state, actions = plan(sp, state, devices, fleet(errors=5)(state, devices), 60)
+    gates = [a for a in actions if isinstance(a, GateReport)]
+    assert [(g.gate, g.ok) for g in gates] == [
+        ("failed", True), ("committed", True), ("bake", True), ("error_rate", True),
+        ("p95_ms", True), ("psi", True)]
+    p95 = gates[4]
+    assert (p95.value, p95.limit) == (20.0, 50.0)
+    assert gates[3].value == 0.01
+    assert all(g.wave == 0 for g in gates)
+    # the new wave's gates are in the state, not in the actions
+    assert {g.wave for g in state.gates} == {1}
+
+
+def test_health_gate_worst_device_is_judged_against_its_own_budget() -> None:
+    sp = spec("all")
+    devices = fleet_of(2)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    slow_pi = {"p95_ms": 45.0}  # 0.9 of the rpi4 budget
+    jetson = {"profile": "jetson-orin-nano", "latency_budget_ms": 10.0, "p95_ms": 11.0}
+    reports = fleet(overrides={(0, 0): slow_pi, (0, 1): jetson})(state, devices)
+    state, actions = plan(sp, state, devices, reports, 60)
+    p95 = next(a for a in actions if isinstance(a, GateReport) and a.gate == "p95_ms")
+    assert (p95.value, p95.limit, p95.ok) == (11.0, 10.0, False)
+    assert state.wave_devices(0)[1] in p95.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# state round trip and misuse
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["too-many-failures-pause", "happy-path-three-waves-completes",
+                                  "cancel-while-paused"])
+def test_state_round_trips_through_a_dict(name: str) -> None:
+    for state, _ in run(SCENARIOS[name]):
+        assert RolloutState.from_dict(state.to_dict()) == state
+
+
+def test_planning_from_a_reloaded_state_gives_the_same_result() -> None:
+    sp = spec("5%,25%,100%")
+    devices = fleet_of(20)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    reloaded = RolloutState.from_dict(state.to_dict())
+    assert plan(sp, state, devices, fleet()(state, devices), 60) == \
+        plan(sp, reloaded, devices, fleet()(reloaded, devices), 60)
+
+
+def _started() -> RolloutState:
+    return plan(spec("50%,100%"), RolloutState("r", "digits", NEW), fleet_of(4), [], 100)[0]
+
+
+MISUSE: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
+    "clock-goes-backwards": (
+        lambda: plan(spec("50%,100%"), _started(), fleet_of(4), [], 99),
+        ValueError, "expected a time at or after the last step (100), got 99"),
+    "clock-not-an-int": (
+        lambda: plan(spec("all"), RolloutState("r", "m", NEW), [], [], 1.5),  # type: ignore[arg-type]
+        TypeError, "now: expected an integer"),
+    "duplicate-devices": (
+        lambda: plan(spec("all"), RolloutState("r", "m", NEW), ["a", "a"], [], 0),
+        ValueError, "expected unique ids, got duplicates ['a']"),
+    "duplicate-reports": (
+        lambda: plan(spec("all"), RolloutState("r", "m", NEW), ["a"],
+                     [DeviceReport("a", "rpi4"), DeviceReport("a", "rpi4")], 0),
+        ValueError, "expected one per device, got two for a"),
+    "state-from-a-longer-spec": (
+        lambda: plan(spec("all"), replace(_started(), wave=1), fleet_of(4), [], 200),
+        ValueError, "expected 0..0 (the spec has 1 waves), got 1"),
+    "no-latency-budget-for-the-p95-gate": (
+        lambda: plan(spec("all"), plan(spec("all"), RolloutState("r", "m", NEW), ["a"], [],
+                                       0)[0], ["a"],
+                     [replace(_ok("a"), latency_budget_ms=None)], 60),
+        ValueError, "latency_budget_ms: expected the budget of profile rpi4"),
+    "resume-a-cancelled-rollout": (
+        lambda: plan(spec("50%,100%"), replace(_started(), status="cancelled"), fleet_of(4),
+                     [], 200, [Resume()]),
+        CommandError, ("rollout r is cancelled: expected running, paused or completed for "
+                       "Resume")),
+    "pause-a-completed-rollout": (
+        lambda: plan(spec("50%,100%"), replace(_started(), status="completed", wave=1),
+                     fleet_of(4), [], 200, [Pause()]),
+        CommandError, "completed: nothing to pause"),
+    "cancel-a-rolled-back-rollout": (
+        lambda: plan(spec("50%,100%"), replace(_started(), status="rolled_back"),
+                     fleet_of(4), [], 200, [Cancel()]),
+        CommandError, "is rolled_back"),
+    "bad-last-result": (
+        lambda: DeviceReport("a", "rpi4", last_result="exploded"),
+        ValueError, "last_result: expected one of ok, failed, rolled_back, refused"),
+    "more-errors-than-requests": (
+        lambda: DeviceReport("a", "rpi4", requests=1, errors=2),
+        ValueError, "errors: expected at most requests (1), got 2"),
+    "newer-state-version": (
+        lambda: RolloutState.from_dict({**_started().to_dict(), "state_version": 2}),
+        ValueError, "state_version: expected 1..1, got 2"),
+    "bad-state-status": (
+        lambda: RolloutState("r", "m", NEW, status="exploded"),  # type: ignore[arg-type]
+        ValueError, "status: expected one of running"),
+}
+
+
+def _ok(device_id: str) -> DeviceReport:
+    r = report(device_id, "ok")
+    assert r is not None
+    return r
+
+
+@pytest.mark.parametrize(("call", "error", "says"), list(MISUSE.values()), ids=list(MISUSE))
+def test_misuse_raises(call: Callable[[], object], error: type[Exception], says: str) -> None:
+    with pytest.raises(error) as info:
+        call()
+    assert says in str(info.value)

@@ -122,7 +122,8 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo(f"device     {info['device_id']} (profile {info['profile']})")
     click.echo(f"applied    desired-state sequence {info['applied_sequence']}")
     for m in info["models"]:
-        click.echo(f"model      {m['name']}: current {m['current']}, previous {m['previous']}")
+        click.echo(f"model      {m['name']}: current {m['current'] or '-'}, "
+                   f"previous {m['previous'] or '-'}")
     last = info["last_update"]
     if last:
         click.echo(f"update     {last['update_id']}: {last['state']}"

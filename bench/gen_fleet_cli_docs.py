@@ -19,12 +19,15 @@ from pathlib import Path
 
 import click
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import clidocs
+
 from fleet_server.cli import cli
 
 __all__ = ["DOCS_PATH", "PROG", "WIDTH", "commands", "generate", "help_text", "main"]
 
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "fleet-server-cli.md"
-WIDTH = 100
+WIDTH = clidocs.WIDTH
 PROG = "fleet_server"
 _HEADER = """\
 # `fleet_server` CLI reference
@@ -37,58 +40,25 @@ Every command documents its exit codes at the end of its help. API commands read
 """
 
 
-def _context(command: click.Command, parent: click.Context | None) -> click.Context:
-    settings = {k: v for k, v in command.context_settings.items()
-                if k not in ("terminal_width", "max_content_width")}
-    return click.Context(command, info_name=PROG if parent is None else command.name,
-                         parent=parent, terminal_width=WIDTH, max_content_width=WIDTH,
-                         **settings)
-
-
 def help_text(command: click.Command, parent: click.Context | None = None) -> str:
     """The ``--help`` output of ``command`` (a subcommand of ``parent``), at :data:`WIDTH`."""
-    return command.get_help(_context(command, parent))
+    return clidocs.help_text(command, parent, PROG)
 
 
 def commands(group: click.Group = cli, parent: click.Context | None = None
              ) -> Iterator[tuple[str, click.Command, click.Context | None]]:
     """Every command and group under ``group``, depth first: (full path, command, parent)."""
-    ctx = _context(group, parent)
-    yield ctx.command_path, group, parent
-    for name in group.list_commands(ctx):
-        sub = group.get_command(ctx, name)
-        assert sub is not None, name
-        if isinstance(sub, click.Group):
-            yield from commands(sub, ctx)
-        else:
-            yield f"{ctx.command_path} {name}", sub, ctx
+    return clidocs.commands(group, PROG, parent)
 
 
 def generate() -> str:
     """The whole of docs/fleet-server-cli.md, from the live click commands."""
-    sections = [_HEADER]
-    for path, command, parent in commands():
-        sections.append(f"## `{path}`\n\n```text\n{help_text(command, parent)}\n```\n")
-    return "\n".join(sections)
+    return clidocs.generate(cli, PROG, _HEADER)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Write (or with ``--check``, compare) docs/fleet-server-cli.md; return the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    text = generate()
-    if args == ["--check"]:
-        current = DOCS_PATH.read_text(encoding="utf-8") if DOCS_PATH.is_file() else ""
-        if current != text:
-            print(f"{DOCS_PATH} is out of date: run .venv/bin/python "
-                  "bench/gen_fleet_cli_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    if args:
-        print("usage: gen_fleet_cli_docs.py [--check]", file=sys.stderr)
-        return 2
-    DOCS_PATH.write_text(text, encoding="utf-8")
-    print(f"wrote {DOCS_PATH}")
-    return 0
+    return clidocs.main(generate(), DOCS_PATH, "bench/gen_fleet_cli_docs.py", argv)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,10 @@ def parse_json(raw: bytes, *, limit: int) -> Any:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # JSONDecodeError is a ValueError; so are the int-digits limit and our hooks' errors
         raise JSONError("strict UTF-8 JSON", f"{type(exc).__name__}: {exc}") from exc
-    canonical_json(data)  # lone surrogates ("\ud800") would otherwise fail only later
+    # strict UTF-8 already refuses raw surrogates; only a "\ud800"-style escape can smuggle a
+    # lone one in, and re-encoding to catch it costs more than the parse: check only then
+    if b"\\ud" in raw or b"\\uD" in raw:
+        canonical_json(data)  # lone surrogates would otherwise fail only later
     return data
 
 

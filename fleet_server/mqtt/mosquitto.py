@@ -139,6 +139,7 @@ def render_mosquitto_config(listen_host: str, port: int, password_file: Path | s
         f"password_file {_config_value('password_file', password_file)}",
         f"acl_file {_config_value('acl_file', acl_file)}",
         f"max_packet_size {MAX_PACKET_BYTES + _FIXED_HEADER_MAX}",
+        "set_tcp_nodelay true",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

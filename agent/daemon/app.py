@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.buffer.store import Outbox
 from agent.config import AgentConfig
@@ -122,7 +124,10 @@ class Agent:
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
-                 profiles_dir: Path | None = None) -> None:
+                 profiles_dir: Path | None = None,
+                 tuf_fetcher: FetcherInterface | None = None) -> None:
+        # tuf_fetcher: the HTTP fetcher under tuf.ngclient (default: the device token over
+        # urllib3); fleet_server.simulate wraps it to inject slow or broken links
         self.config = config
         self.clock = clock
         self._rand = rand
@@ -148,7 +153,8 @@ class Agent:
         self.runner = UpdateRunner(
             store=self.state, installer=self.models,
             fetcher=TargetsFetcher(ArtifactFetcher(self.prov, config.data_dir,
-                                                   max_bytes=config.max_download_bytes)),
+                                                   max_bytes=config.max_download_bytes,
+                                                   fetcher=tuf_fetcher)),
             verifier=ArtifactVerifier(self.profile,
                                       runtime_versions={"onnxruntime": onnxruntime.__version__}),
             checker=RuntimeHealthChecker(self.profile),
@@ -158,8 +164,10 @@ class Agent:
         self._events: asyncio.Queue[LinkEvent] | None = None
         self.link: DeviceLink | None = None
         self._desired: asyncio.Queue[DesiredState] | None = None
-        self._sync_lock = asyncio.Lock()
         self._sent = {"telemetry": 0, "drift": 0}  # highest seq published on this connection
+        self._acked = {"telemetry": 0, "drift": 0}  # highest seq the server acked
+        self._window_rows = 16 * config.sync_batch  # unacked rows in flight per stream
+        self._sync_wake: asyncio.Event | None = None
 
     # -- serving side -------------------------------------------------------------------
     def _observe(self, name: str, version: str, latency_ms: float, ok: bool,
@@ -348,6 +356,8 @@ class Agent:
         """
         out = []
         for stream in ("telemetry", "drift"):
+            if self._sent[stream] - self._acked[stream] >= self._window_rows:
+                continue  # enough in flight: wait for the server's ack
             for b in self.outbox.build_batches(stream, self.config.sync_batch,
                                                after=self._sent[stream]):
                 out.append((stream, b.to_bytes(), b.records[-1].seq))
@@ -367,19 +377,32 @@ class Agent:
         return len(payloads)
 
     async def _ticker(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.metrics_interval_s)
             self.tick()
-            if self._sync_lock.locked():
-                continue
-            if self.link is None or not self.link.connected:
-                continue
-            async with self._sync_lock:
+            self._wake_sync()
+
+    def _wake_sync(self) -> None:
+        if self._sync_wake is not None:
+            self._sync_wake.set()
+
+    async def _syncer(self) -> None:
+        """Drain the outbox continuously while connected, at most ``_window_rows`` unacked per
+        stream; sleep until new rows, an ack or a reconnect wakes it."""
+        assert self._sync_wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            payloads = (self.batches()
+                        if self.link is not None and self.link.connected else [])
+            if payloads:
                 try:
-                    await loop.run_in_executor(None, self.send, self.batches())
+                    await loop.run_in_executor(None, self.send, payloads)
+                    continue
                 except TransportError as exc:
                     log.info("sync paused: %s", exc)
+            self._sync_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_wake.wait(), self.config.metrics_interval_s)
 
     # -- link events ----------------------------------------------------------------------
     async def _events_loop(self) -> None:
@@ -390,6 +413,7 @@ class Agent:
             if ev.kind == "connected":
                 log.info("connected to the fleet")
                 self._sent = {"telemetry": 0, "drift": 0}  # resend whatever was not acked
+                self._wake_sync()
                 await loop.run_in_executor(None, self._publish_reported)
             elif ev.kind == "refused":
                 log.error("broker refused this device: %s", ev.detail)
@@ -405,6 +429,8 @@ class Agent:
                     continue
                 if ack.device_id == self.prov.device_id:
                     self.outbox.ack(ack.stream, ack.upto_seq)
+                    self._acked[ack.stream] = max(self._acked[ack.stream], ack.upto_seq)
+                    self._wake_sync()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, *, ready: Callable[[Agent], None] | None = None
@@ -417,6 +443,7 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         self._events = asyncio.Queue()
         self._desired = asyncio.Queue()
+        self._sync_wake = asyncio.Event()
         loop = self._loop
         try:  # an update the last run died in: finish it before serving `current`
             await loop.run_in_executor(None, self.runner.resume)
@@ -437,7 +464,7 @@ class Agent:
             reconnect_max_s=self.config.reconnect_max_s)
         self.link.start()
         tasks = [asyncio.create_task(c) for c in (self._events_loop(), self._reconciler(),
-                                                  self._ticker())]
+                                                  self._ticker(), self._syncer())]
         if ready is not None:
             ready(self)
         try:

@@ -30,6 +30,10 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from fleet_server import cli_text
+from fleet_server.cli_text import selector_text as _selector_text
+from fleet_server.cli_text import table as _table
+from fleet_server.cli_text import when as _when
 from fleet_server.client import DEFAULT_URL, FleetClient
 from fleet_server.errors import FleetError
 
@@ -182,20 +186,6 @@ def _emit(data: Any, lines: Callable[[], Sequence[str]]) -> None:
         return
     for line in lines():
         click.echo(line)
-
-
-def _when(ts: object) -> str:
-    if not isinstance(ts, (int, float)):
-        return "-"
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in r]
-                                            for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in cells]
 
 
 # --------------------------------------------------------------------------------- the group
@@ -815,33 +805,134 @@ def _parse_selectors(ctx: click.Context, param: click.Parameter,
     return selector
 
 
+def rollout_options(fn: F) -> F:
+    """Shared options: waves, gates and on-failure of a staged rollout."""
+    options = [
+        click.option("--waves", help="Roll out in cumulative waves, e.g. 5%,25%,100% or "
+                                     "1,10,all (counts first; the last is 100% or all). "
+                                     "Without it every targeted device is told at once."),
+        click.option("--bake", "bake_s", type=click.IntRange(min=0), metavar="SECONDS",
+                     help="Wait this long after a wave's last assignment before judging it "
+                          "[default: 0]."),
+        click.option("--min-committed", type=float, metavar="FRACTION",
+                     help="A wave passes once this fraction of it committed [default: 1]."),
+        click.option("--max-failed", type=float, metavar="FRACTION",
+                     help="A wave fails once more than this fraction of it failed "
+                          "[default: 0]."),
+        click.option("--max-error-rate", type=float, metavar="FRACTION",
+                     help="Fail a wave when a committed device's errors/requests exceed this "
+                          "[default: off]."),
+        click.option("--max-p95-ms", type=float, metavar="MS",
+                     help="Fail a wave when a committed device's p95 latency exceeds this "
+                          "[default: its profile's latency budget]."),
+        click.option("--no-latency-gate", is_flag=True,
+                     help="Do not judge p95 latency at all (devices that serve little "
+                          "traffic would otherwise hold a wave until they have --min-samples)."),
+        click.option("--max-psi", type=float, metavar="PSI",
+                     help="Fail a wave when a committed device's input drift (largest "
+                          "feature PSI) exceeds this [default: off]."),
+        click.option("--min-samples", type=click.IntRange(min=1), metavar="N",
+                     help="Requests (drift: predictions) a device needs before its health "
+                          "counts [default: 100]."),
+        click.option("--offline-grace", "offline_grace_s", type=click.IntRange(min=0),
+                     metavar="SECONDS",
+                     help="An offline device that has not applied its new state this long "
+                          "after its assignment counts as failed [default: 3600]."),
+        click.option("--on-failure", type=click.Choice(["pause", "rollback"]),
+                     help="When a gate fails: pause the rollout, or roll every moved device "
+                          "back to its previous version [default: pause]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _rollout_body(waves: str | None, on_failure: str | None,
+                  gates: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``rollout`` object of a deploy, checked here (a bad value is a usage error).
+
+    Raises:
+        click.UsageError: gate options without --waves, or an invalid spec.
+    """
+    from fleet_server.rollout import RolloutSpec, SpecError
+
+    given = {k: v for k, v in gates.items() if v is not None}
+    if waves is None:
+        if given or on_failure:
+            raise click.UsageError("gate and --on-failure options need --waves (without "
+                                   "waves every targeted device is told at once)")
+        return None
+    body: dict[str, Any] = {"waves": waves, "gates": given}
+    if on_failure:
+        body["on_failure"] = on_failure
+    try:
+        RolloutSpec.from_dict(body)
+    except SpecError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return body
+
+
 @_command(cli, "deploy")
 @click.argument("model_name", metavar="MODEL")
 @click.argument("model_version", metavar="VERSION")
 @click.option("--to", "selector", multiple=True, required=True, callback=_parse_selectors,
               help="Which devices: device:ID, tag:TAG, profile:NAME (repeatable; a device "
                    "must match every kind given, any value of a kind), or all.")
+@rollout_options
 @api_options
-def deploy(model_name: str, model_version: str, selector: dict[str, Any]) -> None:
-    """Deploy a model version: re-sign the desired state of every targeted device.
+def deploy(model_name: str, model_version: str, selector: dict[str, Any], waves: str | None,
+           bake_s: int | None, min_committed: float | None, max_failed: float | None,
+           max_error_rate: float | None, max_p95_ms: float | None, no_latency_gate: bool,
+           max_psi: float | None, min_samples: int | None, offline_grace_s: int | None,
+           on_failure: str | None) -> None:
+    """Deploy a model version: at once, or in waves that advance as their gates pass.
 
     Each device gets the artifact built for its own profile; the deploy is refused if some
-    targeted device's profile has none. A newer deployment of the same model wins per device.
-    There are no staged waves yet: every targeted device is told at once.
+    targeted device's profile has none. A newer deployment of the same model wins per device,
+    and supersedes the model's running rollout.
+
+    With --waves, the first wave's devices are told at once and the next wave starts when
+    the current one passes its gates (enough committed, few enough failed, the bake time
+    over, healthy). A failed gate pauses the rollout or, with --on-failure rollback, puts
+    every moved device back on its previous version. A device that rolls back by itself
+    counts as failed. The p95 latency gate is on by default and waits until committed devices
+    served --min-samples requests: pass --no-latency-gate for devices without traffic.
+    Follow the rollout, pause, resume or cancel it with `fleet_server rollout`.
 
     \b
     Example:
       fleet_server deploy digits 1.0.0 --to tag:lab --to profile:rpi4
       fleet_server deploy digits 1.0.1 --to device:pi-01 --to device:pi-02
+      fleet_server deploy digits 1.1.0 --to all --waves 5%,25%,100% --bake 600 \\
+          --max-failed 0.1 --max-error-rate 0.02 --on-failure rollback
     """
+    rollout_body = _rollout_body(waves, on_failure, {
+        "bake_s": bake_s, "min_committed": min_committed, "max_failed": max_failed,
+        "max_error_rate": max_error_rate, "max_p95_ms": max_p95_ms, "max_psi": max_psi,
+        "min_samples": min_samples, "offline_grace_s": offline_grace_s,
+        "latency_gate": False if no_latency_gate else None})
     with _errors(), _api() as api:
-        out = api.deploy(model_name, model_version, selector)
+        out = api.deploy(model_name, model_version, selector, rollout=rollout_body)
     devices = out.get("devices") or []
-    _emit(out, lambda: [
-        (f"Deployment {out.get('id')}: {model_name} {model_version} to {len(devices)} "
-         f"device(s): {', '.join(devices) or '-'}"),
-        f"Desired state re-signed for: {', '.join(out.get('desired_changed') or ()) or '-'}",
-        "Follow it with: fleet_server rollout status"])
+
+    def lines() -> list[str]:
+        result = [(f"Deployment {out.get('id')}: {model_name} {model_version} to "
+                   f"{len(devices)} device(s): {', '.join(devices) or '-'}")]
+        superseded = out.get("superseded_rollouts") or []
+        if superseded:
+            result.append(f"Superseded rollout(s): {', '.join(map(str, superseded))}")
+        rollout = out.get("rollout")
+        if rollout:
+            moved = [d.get("device_id") for d in rollout.get("devices") or ()]
+            result.append(f"Rollout {rollout.get('id')} {rollout.get('status')} in waves "
+                          f"{rollout.get('waves_text')}: wave {rollout.get('wave')} took "
+                          f"{len(moved)} device(s): {', '.join(moved) or '-'}")
+        result.append("Desired state re-signed for: "
+                      f"{', '.join(out.get('desired_changed') or ()) or '-'}")
+        result.append("Follow it with: fleet_server rollout status"
+                      + (f" {rollout.get('id')}" if rollout else ""))
+        return result
+    _emit(out, lines)
 
 
 @_subgroup(cli, "deployment")
@@ -853,14 +944,6 @@ def deployment() -> None:
       fleet_server deployment list
       fleet_server deployment cancel 3
     """
-
-
-def _selector_text(sel: Mapping[str, Any]) -> str:
-    if sel.get("all"):
-        return "all"
-    return " ".join([*(f"device:{d}" for d in sel.get("devices") or ()),
-                     *(f"tag:{t}" for t in sel.get("tags") or ()),
-                     *(f"profile:{p}" for p in sel.get("profiles") or ())]) or "-"
 
 
 @_command(deployment, "list")
@@ -896,51 +979,112 @@ def deployment_cancel(deployment_id: int) -> None:
 
 @_subgroup(cli, "rollout")
 def rollout() -> None:
-    """Follow deployments on the devices.
+    """Follow deployments on the devices; pause, resume or cancel staged rollouts.
+
+    A rollout has the id of the deployment that started it (`deploy --waves ...`).
 
     \b
     Example:
       fleet_server rollout status
+      fleet_server rollout status 7
+      fleet_server rollout pause 7 --reason "error rate on line 3"
     """
 
 
 @_command(rollout, "status")
+@click.argument("rollout_id", metavar="[ID]", required=False, type=click.IntRange(min=1))
 @click.option("--all", "include_inactive", is_flag=True,
-              help="Include cancelled and superseded deployments.")
+              help="Without ID: include cancelled and superseded deployments.")
 @api_options
-def rollout_status(include_inactive: bool) -> None:
-    """Per deployment and targeted device: the desired sequence against what it runs.
+def rollout_status(rollout_id: int | None, include_inactive: bool) -> None:
+    """Show one rollout in detail, or every deployment's progress.
 
-    Staged rollouts (waves, pause, automatic halt) do not exist yet: a deployment goes to
-    every targeted device at once, and this shows how far each device got.
+    With ID: the rollout's status and reason, its gates, per wave how many devices were
+    assigned, committed, failed, are pending or reverted, the latest gate evaluation, and
+    every moved device's desired version against the version it runs, its last result and
+    why it is not committed (a device that rolled back by itself shows its error).
+
+    Without ID: the rollouts, then per active deployment and targeted device the desired
+    sequence against what it runs (for a rollout, which wave took it, or `waiting`).
 
     \b
     Example:
+      fleet_server rollout status 7
       fleet_server rollout status
       fleet_server rollout status --all --json
     """
+    if rollout_id is not None:
+        if include_inactive:
+            raise click.UsageError("--all applies without ID only")
+        with _errors(), _api() as api:
+            one = api.get_rollout(rollout_id)
+        _emit(one, lambda: cli_text.rollout_lines(one))
+        return
     with _errors(), _api() as api:
         status = api.rollout(include_inactive=include_inactive)
+    shown = [e["rollout"] for e in status if e.get("rollout")]
 
     def lines() -> list[str]:
-        out = ["Staged waves do not exist yet: each deployment targets all its devices at once."]
-        if not status:
-            out.append("No active deployments.")
-        for entry in status:
-            d = entry["deployment"]
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(entry["counts"].items())) or \
-                "no live device matches"
-            out += ["", (f"Deployment {d.get('id')}: {d.get('model')} {d.get('version')} to "
-                         f"{_selector_text(d.get('selector') or {})} ({d.get('status')}): "
-                         f"{counts}")]
-            out += ["  " + line for line in _table(
-                ["DEVICE", "ONLINE", "DESIRED SEQ", "APPLIED SEQ", "RUNNING", "STATE"],
-                [[r["device"], "yes" if r["online"] else "no", r["desired_sequence"],
-                  r["applied_sequence"], r["running_version"],
-                  r["state"] + (f": {r['error']}" if r["error"] else "")]
-                 for r in entry["devices"]])]
-        return out
+        out = []
+        if shown:
+            out += ["Rollouts (details: fleet_server rollout status ID):",
+                    *cli_text.rollouts_table(shown)]
+        return out + cli_text.deployment_progress_lines(status)
     _emit(status, lines)
+
+
+def _rollout_command(command: str, rollout_id: int, reason: str | None) -> None:
+    with _errors(), _api() as api:
+        out = api.command_rollout(rollout_id, command, reason)
+    _emit(out, lambda: [
+        f"Rollout {out.get('id', rollout_id)} is {out.get('status')}"
+        + (f": {out['reason']}" if out.get("reason") else "") + ".",
+        *cli_text.rollout_lines(out)[1:]])
+
+
+@_command(rollout, "pause")
+@click.argument("rollout_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--reason", help="Why (shown in the rollout's status).")
+@api_options
+def rollout_pause(rollout_id: int, reason: str | None) -> None:
+    """Pause a running rollout: no more devices are moved until it is resumed.
+
+    Devices already moved keep the new version; one that fails is still put back.
+
+    \b
+    Example:
+      fleet_server rollout pause 7 --reason "investigating errors on line 3"
+    """
+    _rollout_command("pause", rollout_id, reason)
+
+
+@_command(rollout, "resume")
+@click.argument("rollout_id", metavar="ID", type=click.IntRange(min=1))
+@api_options
+def rollout_resume(rollout_id: int) -> None:
+    """Resume a paused rollout. Its gates are judged again at once: one paused by a failed
+    gate pauses again unless the devices' reports changed.
+
+    \b
+    Example:
+      fleet_server rollout resume 7
+    """
+    _rollout_command("resume", rollout_id, None)
+
+
+@_command(rollout, "cancel")
+@click.argument("rollout_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--reason", help="Why (shown in the rollout's status).")
+@api_options
+def rollout_cancel(rollout_id: int, reason: str | None) -> None:
+    """Cancel a rollout: every device it moved goes back to its previous version (a new
+    signed desired state). Refused for a rollout that already finished.
+
+    \b
+    Example:
+      fleet_server rollout cancel 7 --reason "wrong model"
+    """
+    _rollout_command("cancel", rollout_id, reason)
 
 
 # --------------------------------------------------------------------------------- audit

@@ -253,10 +253,14 @@ class FleetClient:
 
     # ----------------------------------------------------------------- deployments
 
-    def deploy(self, model: str, version: str, selector: Mapping[str, Any]) -> dict[str, Any]:
-        """``POST /v1/deployments``: selector ``{"devices", "tags", "profiles", "all"}``."""
-        out: dict[str, Any] = self.request("POST", "/v1/deployments", json_body={
-            "model": model, "version": version, "selector": dict(selector)})
+    def deploy(self, model: str, version: str, selector: Mapping[str, Any],
+               rollout: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``POST /v1/deployments``: selector ``{"devices", "tags", "profiles", "all"}``;
+        ``rollout`` ``{"waves", "gates", "on_failure"}`` to go in waves."""
+        body: dict[str, Any] = {"model": model, "version": version, "selector": dict(selector)}
+        if rollout is not None:
+            body["rollout"] = dict(rollout)
+        out: dict[str, Any] = self.request("POST", "/v1/deployments", json_body=body)
         return out
 
     def list_deployments(self) -> list[dict[str, Any]]:
@@ -269,7 +273,8 @@ class FleetClient:
         return out
 
     def rollout(self, *, include_inactive: bool = False) -> list[dict[str, Any]]:
-        """Deployments with per-device progress: ``GET /v1/deployments`` and ``/v1/devices``.
+        """Deployments with per-device progress: ``GET /v1/deployments`` and ``/v1/devices``,
+        and ``GET /v1/rollouts/{id}`` for the deployments that go in waves.
 
         Devices whose list entry carries no ``desired`` state are read one by one
         (``GET /v1/devices/{id}``). See :func:`rollout_status` for the result.
@@ -277,11 +282,36 @@ class FleetClient:
         deployments = self.list_deployments()
         devices = [d if "desired" in d or d.get("revoked") else self.get_device(d["id"])
                    for d in self.list_devices()]
+        shown = [d for d in deployments if include_inactive or d.get("status") == "active"]
+        rollouts = {int(d["rollout_id"]): self.get_rollout(int(d["rollout_id"]))
+                    for d in shown if d.get("rollout_id") is not None}
         try:
-            return rollout_status(deployments, devices, include_inactive=include_inactive)
+            return rollout_status(shown, devices, rollouts=rollouts,
+                                  include_inactive=include_inactive)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FleetError(f"unexpected deployment or device data from the server: "
                              f"{exc!r}") from exc
+
+    # ----------------------------------------------------------------- rollouts
+
+    def list_rollouts(self, *, status: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/rollouts`` (every page), newest first, with per-wave counts."""
+        return self._paged("/v1/rollouts", {"status": status} if status else None)
+
+    def get_rollout(self, rollout_id: int) -> dict[str, Any]:
+        """``GET /v1/rollouts/{id}``: waves, gates, every moved device."""
+        out: dict[str, Any] = self.request("GET", f"/v1/rollouts/{int(rollout_id)}")
+        return out
+
+    def command_rollout(self, rollout_id: int, command: str,
+                        reason: str | None = None) -> dict[str, Any]:
+        """``POST /v1/rollouts/{id}/{command}``: ``pause``, ``resume`` or ``cancel``."""
+        if command not in ("pause", "resume", "cancel"):
+            raise ValueError(f"command: expected pause, resume or cancel, got {command!r}")
+        out: dict[str, Any] = self.request(
+            "POST", f"/v1/rollouts/{int(rollout_id)}/{command}",
+            json_body={"reason": reason} if reason else None)
+        return out
 
     # ----------------------------------------------------------------- audit
 
@@ -312,20 +342,29 @@ def _seg(value: str) -> str:
 
 # --------------------------------------------------------------------------------- rollouts
 
+#: a rollout's device outcome -> the ``state`` of :func:`rollout_status`
+_ROLLOUT_STATES = {"committed": "done", "failed": "failed", "pending": "pending",
+                   "reverted": "reverted"}
+
+
 def rollout_status(deployments: Iterable[Mapping[str, Any]],
                    devices: Iterable[Mapping[str, Any]], *,
+                   rollouts: Mapping[int, Mapping[str, Any]] | None = None,
                    include_inactive: bool = False) -> list[dict[str, Any]]:
     """Per deployment, per targeted live device: the desired sequence against what it runs.
 
-    Pure: takes the bodies of ``GET /v1/deployments`` and ``GET /v1/devices/{id}`` (devices
-    carry ``desired`` and ``reported``). There are no staged waves yet: a deployment targets
-    every matching device at once, so this is the whole of a rollout's state.
+    Pure: takes the bodies of ``GET /v1/deployments``, ``GET /v1/devices/{id}`` (devices
+    carry ``desired`` and ``reported``) and, for deployments that go in waves, ``GET
+    /v1/rollouts/{id}`` (by id; the entry then carries it as ``rollout``).
 
     Each device row has ``state``: ``done`` (runs the version and applied the desired sequence),
     ``pending`` (not there yet), ``failed`` (its last attempt at the current sequence failed,
-    rolled back or was refused; ``error`` says why), ``superseded`` (a newer deployment decides
-    this device's version of the model) or ``not-desired`` (its desired state has no entry for
-    the model: the deployment was cancelled, or the device's profile has no artifact).
+    rolled back or was refused, or, in a rollout, it failed there; ``error`` says why),
+    ``superseded`` (a newer deployment decides this device's version of the model),
+    ``not-desired`` (its desired state has no entry for the model: the deployment was
+    cancelled, or the device's profile has no artifact), and for a rollout ``waiting`` (no
+    wave has taken it yet) or ``reverted`` (back on its previous version after a rollback or
+    cancel). Rollout rows also carry their ``wave``.
 
     Raises:
         ValueError: a deployment's selector is malformed.
@@ -338,17 +377,34 @@ def rollout_status(deployments: Iterable[Mapping[str, Any]],
         if dep.get("status") != "active" and not include_inactive:
             continue
         selector = Selector.from_dict(dep.get("selector") or {})
+        rollout_id = dep.get("rollout_id")
+        rollout = (rollouts or {}).get(int(rollout_id)) if rollout_id is not None else None
+        moved = {r["device_id"]: r for r in (rollout or {}).get("devices") or ()}
         rows = []
         for d in live:
             view = DeviceView(str(d["id"]), str(d.get("profile", "")),
                               frozenset(d.get("tags") or ()))
-            if matches(selector, view):
-                rows.append(_device_progress(dep, d))
+            if matches(selector, view) or str(d["id"]) in moved:
+                row = _device_progress(dep, d)
+                if rollout is not None:
+                    _rollout_progress(row, moved.get(str(d["id"])))
+                rows.append(row)
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
-        out.append({"deployment": dict(dep), "devices": rows, "counts": counts})
+        out.append({"deployment": dict(dep), "devices": rows, "counts": counts,
+                    "rollout": dict(rollout) if rollout is not None else None})
     return out
+
+
+def _rollout_progress(row: dict[str, Any], moved: Mapping[str, Any] | None) -> None:
+    """Overwrite a device row's ``state`` with the rollout's verdict on it."""
+    if moved is None:
+        row.update(state="waiting", wave=None, error=None)
+        return
+    state = _ROLLOUT_STATES.get(str(moved.get("outcome")), "pending")
+    row.update(state=state, wave=moved.get("wave"),
+               error=moved.get("reason") if state in ("failed", "pending") else None)
 
 
 def _device_progress(dep: Mapping[str, Any], device: Mapping[str, Any]) -> dict[str, Any]:
@@ -376,4 +432,4 @@ def _device_progress(dep: Mapping[str, Any], device: Mapping[str, Any]) -> dict[
     return {"device": device.get("id"), "online": bool(device.get("online")),
             "desired_sequence": sequence, "desired_version": wanted,
             "applied_sequence": applied, "running_version": running, "state": state,
-            "last_result": reported.get("last_result"), "error": error}
+            "last_result": reported.get("last_result"), "error": error, "wave": None}

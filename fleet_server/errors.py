@@ -6,10 +6,12 @@
     ├── RequestError                  the caller asked for something wrong (HTTP 4xx)
     │   ├── Unauthenticated           no token, or an unknown/revoked one (401)
     │   ├── Forbidden                 the token's scope does not allow it (403)
-    │   ├── NotFound                  unknown device, model, version, deployment (404)
+    │   ├── NotFound                  unknown device, model, version, deployment, rollout (404)
     │   ├── Conflict                  duplicate model version, device id taken, data dir
-    │   │                             exists, deploy to devices with no artifact (409)
-    │   ├── InvalidInput              a field is wrong: names it, expected vs actual (422)
+    │   │                             exists, deploy to devices with no artifact, a rollout
+    │   │                             command its status does not allow (409)
+    │   ├── InvalidInput              a field is wrong: names it, expected vs actual; a bad
+    │   │                             rollout spec (422)
     │   └── PayloadTooLarge           upload over the configured limit (413)
     ├── BundleRejected                a pushed bundle is malformed or inconsistent (422)
     ├── StoreError                    the database or data directory failed (500)

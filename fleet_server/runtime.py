@@ -9,8 +9,12 @@
   :func:`fleet_server.ingest.handle_message` on ONE worker thread (in arrival order, one SQLite
   writer), and acks are published back.
 - Desired states go out through :class:`LinkPublisher` (retained, QoS 1, PUBACK awaited).
-- A maintenance loop re-signs the TUF timestamp before it expires, re-signs desired states
-  near expiry, and publishes anything still pending (after a broker outage, say).
+- A maintenance loop re-signs the TUF timestamp before it expires, re-plans the rollouts (a
+  bake time over, an offline device's grace run out), re-signs desired states near expiry, and
+  publishes anything still pending (after a broker outage, say).
+- A stored ``reported`` message from a device that a rollout holds triggers a re-plan, on a
+  separate worker so telemetry ingest never waits for it: the reports that arrive while one
+  is queued share it (:func:`fleet_server.deploy.service.replan_after_reports`).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from fleet_server.db import atomic
-from fleet_server.deploy.service import publish_pending, refresh_desired
+from fleet_server.deploy.service import advance_rollouts, publish_pending, replan_after_reports
 from fleet_server.errors import BrokerError, FleetError
 from fleet_server.fleet import Fleet, server_mqtt_secret
 from fleet_server.ingest import handle_message
@@ -86,6 +91,14 @@ class MqttRuntime:
         self._ingest_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edgefleet-ingest")
         self.ingested = 0
+        # re-plans after reports: one worker, one queued pass at a time (see _replan_soon)
+        self._replan_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgefleet-replan")
+        self._replan_lock = threading.Lock()
+        self._reported: set[str] = set()
+        self._replan_queued = False  # a pass is submitted and has not taken _reported yet
+        self._replan_future: concurrent.futures.Future[None] | None = None
+        self.replans = 0
 
     async def start(self) -> None:
         """Start the broker (embedded) and the link; subscribe; publish what is pending.
@@ -148,6 +161,11 @@ class MqttRuntime:
         """On the event loop thread: hand the message to the single ingest worker."""
         self._ingest_pool.submit(self._ingest, msg.topic, msg.payload)
 
+    def ingest(self, topic: str, payload: bytes) -> None:
+        """Store one device message on the calling thread, as the ingest worker does: publish
+        its ack, and queue a re-plan when it is a device's reported state."""
+        self._ingest(topic, payload)
+
     def _ingest(self, topic: str, payload: bytes) -> None:
         try:
             result = handle_message(self.fleet, topic, payload, now=int(self._clock()))
@@ -155,20 +173,57 @@ class MqttRuntime:
             log.error("ingest failed for %s: %s", topic[:200], exc)
             return
         self.ingested += 1
+        if result.kind == "reported" and result.device_id:
+            self._replan_soon(result.device_id)
         if result.ack_payload is not None and result.device_id and self.fleet.publisher:
             try:
                 self.fleet.publisher.publish_ack(result.device_id, result.ack_payload)
             except BrokerError as exc:  # the next batch's ack covers this one
                 log.warning("ack to %s not sent: %s", result.device_id, exc)
 
+    def _replan_soon(self, device_id: str) -> None:
+        """Queue a re-plan for a device's new report (called on the ingest thread, no I/O).
+
+        Reports arriving before the queued pass starts join it: a burst of reports costs one
+        pass, not one each.
+        """
+        with self._replan_lock:
+            self._reported.add(device_id)
+            if not self._replan_queued:
+                self._replan_queued = True
+                self._replan_future = self._replan_pool.submit(self._replan)
+
+    def _replan(self) -> None:
+        with self._replan_lock:
+            devices, self._reported = self._reported, set()
+            self._replan_queued = False
+        try:
+            if replan_after_reports(self.fleet, devices):
+                self.replans += 1
+        except FleetError as exc:  # the maintenance pass re-plans anyway
+            log.error("re-plan after reports from %d device(s) failed: %s", len(devices), exc)
+
+    def wait_replans(self, timeout: float | None = None) -> None:
+        """Block until the queued re-plan, if any, has run (for tests and shutdown)."""
+        with self._replan_lock:
+            future = self._replan_future
+        if future is not None:
+            future.result(timeout)
+
     def maintain_once(self) -> dict[str, Any]:
-        """One maintenance pass (also callable from tests with an injected clock)."""
+        """One maintenance pass (also callable from tests with an injected clock).
+
+        Returns ``timestamp_refreshed``, ``resigned`` (devices given a newly signed desired
+        state: near expiry, or moved by a rollout), ``published`` and ``rollouts`` (the
+        rollouts whose step did something).
+        """
         fleet = self.fleet
         refreshed = fleet.repo.refresh_timestamp(fleet.now_dt())
         with atomic(fleet.engine) as conn:
-            resigned = refresh_desired(fleet, conn)
+            advanced = advance_rollouts(fleet, conn)
         sent = publish_pending(fleet)
-        return {"timestamp_refreshed": refreshed, "resigned": resigned, "published": sent}
+        return {"timestamp_refreshed": refreshed, "resigned": list(advanced.desired_changed),
+                "published": sent, "rollouts": advanced.rollout_ids}
 
     async def _maintenance(self) -> None:
         loop = asyncio.get_running_loop()
@@ -189,6 +244,7 @@ class MqttRuntime:
         self.fleet.extra.pop("kick", None)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._ingest_pool.shutdown, True)
+        await loop.run_in_executor(None, self._replan_pool.shutdown, True)
         if self.link is not None:
             await loop.run_in_executor(None, self.link.close)
             self.link = None

@@ -5,8 +5,9 @@ production), mounts the routers and installs the ONE mapping from errors to HTTP
 
 - :class:`~fleet_server.errors.FleetError` -> its ``status_code``, body
   ``{"error": "<ExceptionClassName>", "detail": "<message>"}`` (401 adds ``WWW-Authenticate``);
-- request validation (bad JSON, unknown or mistyped fields, out-of-range query parameters) ->
-  422 with the same shape, ``error`` ``"InvalidInput"`` and every problem in ``detail``;
+- request validation (bad JSON, unknown or mistyped fields, out-of-range or undeclared query
+  parameters) -> 422 with the same shape, ``error`` ``"InvalidInput"`` and every problem in
+  ``detail``;
 - a body FastAPI cannot decode (its 400) -> 422 ``InvalidInput``, like any invalid input;
 - unknown paths and methods (starlette's HTTPException) -> the same shape (405 lists every
   method the path serves in ``Allow``).
@@ -28,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -37,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleet_server.api.deps import refuse_unknown_query
 from fleet_server.api.routes import ROUTERS, models
 from fleet_server.deploy.service import publish_pending
 from fleet_server.errors import FleetError, InvalidInput, PayloadTooLarge, Unauthenticated
@@ -218,6 +220,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         description="Every route except `/healthz` needs `Authorization: Bearer <token>`. "
                     "Errors are `{\"error\": \"<ExceptionClassName>\", \"detail\": \"...\"}`.",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_unknown_query)],
     )
     app.state.settings = settings
     app.state.fleet = fleet

@@ -6,14 +6,18 @@ paging parameters. Annotated aliases keep route signatures short::
 Scopes nest ``admin`` ⊇ ``publisher`` ⊇ ``reader``; ``device`` tokens pass only
 :data:`AnyTokenDep` (the TUF routes). Failures raise :class:`~fleet_server.errors.Unauthenticated`
 (401) or :class:`~fleet_server.errors.Forbidden` (403), mapped in :mod:`fleet_server.api.app`.
+
+:func:`refuse_unknown_query` runs for every route (``create_app`` installs it): a query
+parameter the route does not declare is a 422, like an unknown body field, never ignored.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, get_origin
 
 from fastapi import Depends, Query, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleet_server import auth
@@ -37,6 +41,7 @@ __all__ = [
     "get_limit",
     "get_page",
     "get_principal",
+    "refuse_unknown_query",
 ]
 
 DEFAULT_LIMIT = 100
@@ -128,3 +133,46 @@ def get_page(limit: LimitDep,
 
 
 PageDep = Annotated[PageParams, Depends(get_page)]
+
+
+_QUERY_NAMES: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _query_names(route: APIRoute) -> tuple[frozenset[str], frozenset[str]]:
+    """The query parameters ``route`` declares, its dependencies' included, and those of them
+    that take one value (cached per route)."""
+    names = _QUERY_NAMES.get(id(route))
+    if names is None:
+        found: set[str] = set()
+        single: set[str] = set()
+        stack: list[Any] = [route.dependant]
+        while stack:
+            dependant = stack.pop()
+            for f in dependant.query_params:
+                found.add(f.alias)
+                if get_origin(f.field_info.annotation) not in (list, tuple, set, frozenset):
+                    single.add(f.alias)
+            stack.extend(dependant.dependencies)
+        names = _QUERY_NAMES[id(route)] = (frozenset(found), frozenset(single))
+    return names
+
+
+def refuse_unknown_query(request: Request) -> None:
+    """Refuse query parameters the route does not declare, and repeated single-valued ones (a
+    typo is never ignored, and ``?tag=a&tag=b`` never silently means ``b``).
+
+    Raises:
+        InvalidInput: an unknown or repeated query parameter (names it).
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known, single = _query_names(route)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidInput(f"query.{unknown[0]}: expected no such parameter (this route takes "
+                           f"{', '.join(sorted(known)) or 'none'}), got {unknown[0]!r}")
+    for name in sorted(single):
+        given = request.query_params.getlist(name)
+        if len(given) > 1:
+            raise InvalidInput(f"query.{name}: expected one value, got {len(given)}")

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server.db import tables
@@ -53,9 +53,18 @@ def _v1_initial(conn: Connection) -> None:
     tables.METADATA.create_all(conn)
 
 
+def _v2_rollouts(conn: Connection) -> None:
+    """Rollouts: their own tables, and an index for the health gates' telemetry reads."""
+    tables.METADATA_0002.create_all(conn)
+    # plain DDL: an Index object on device_records would join METADATA, hence 0001_initial
+    conn.execute(text("CREATE INDEX ix_device_records_health "
+                      "ON device_records (device_id, kind, received_at)"))
+
+
 #: (name, function) in order; never edit or reorder one that shipped, only append
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", _v1_initial),
+    ("0002_rollouts", _v2_rollouts),
 ]
 
 

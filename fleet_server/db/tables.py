@@ -12,6 +12,16 @@
 | stream_acks       | 1     | per (device, stream): highest contiguous seq stored (what we ack)  |
 | ingest_rejects    | 1     | malformed/oversized/forged device messages: counted, never stored |
 | audit             | 1     | append-only, hash-chained log of every mutation                    |
+| rollouts          | 2     | one per rollout-backed deployment (same id): spec, planner state  |
+| rollout_devices   | 2     | per (rollout, device) assigned: when, and the desired-state       |
+|                   |       | sequence that first carried the rollout's version to it           |
+
+Migration ``0002_rollouts`` also adds the index ``ix_device_records_health`` on
+``device_records (device_id, kind, received_at)`` (rollout health gates read it).
+
+``0001_initial`` creates every table of :data:`METADATA`, so that object is frozen at version
+1: tables introduced later live in their own ``MetaData`` (:data:`METADATA_0002`), created by
+their migration, and :data:`ALL_METADATA` lists them all.
 
 JSON columns are TEXT holding canonical JSON, so SQLite and PostgreSQL behave alike. Times are
 integer unix seconds (UTC), taken once per operation from the injected clock.
@@ -23,6 +33,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Index,
     Integer,
     MetaData,
     String,
@@ -32,7 +43,9 @@ from sqlalchemy import (
 )
 
 __all__ = [
+    "ALL_METADATA",
     "METADATA",
+    "METADATA_0002",
     "artifacts",
     "audit",
     "deployments",
@@ -40,12 +53,17 @@ __all__ = [
     "device_records",
     "devices",
     "ingest_rejects",
+    "rollout_devices",
+    "rollouts",
     "schema_migrations",
     "stream_acks",
     "tokens",
 ]
 
+#: the tables of ``0001_initial`` (which runs ``METADATA.create_all``): never add to it
 METADATA = MetaData()
+#: the tables of ``0002_rollouts``
+METADATA_0002 = MetaData()
 
 schema_migrations = Table(
     "schema_migrations", METADATA,
@@ -157,3 +175,32 @@ audit = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
 )
+
+
+# ------------------------------------------------------------------------ 0002_rollouts
+rollouts = Table(
+    "rollouts", METADATA_0002,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # = deployments.id
+    Column("model", String(200), nullable=False),
+    Column("version", String(100), nullable=False),
+    Column("spec", Text, nullable=False),  # RolloutSpec.to_dict(), canonical JSON
+    Column("state", Text, nullable=False),  # RolloutState.to_dict() (carries state_version)
+    Column("status", String(20), nullable=False),  # RolloutState.status, for queries
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+Index("ix_rollouts_status", rollouts.c.status)
+
+rollout_devices = Table(
+    "rollout_devices", METADATA_0002,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("device_id", String(63), primary_key=True),
+    Column("assigned_at", BigInteger, nullable=False),
+    # the desired-state sequence that first carried the rollout's version to the device after
+    # its assignment (None until it is signed); DeviceReport.desired_sequence
+    Column("desired_sequence", BigInteger, nullable=True),
+)
+Index("ix_rollout_devices_device", rollout_devices.c.device_id)
+
+#: every table, whichever migration made it
+ALL_METADATA = (METADATA, METADATA_0002)

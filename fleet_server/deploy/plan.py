@@ -9,6 +9,11 @@ Rules:
 - For each model name, the newest active deployment whose selector matches a device decides
   the version that device runs (a later deployment supersedes an earlier one per device, not
   wholesale: devices outside the new selector keep the old version).
+- A rollout-backed deployment (``DeploymentView.rollout`` set: the per-device map of
+  :func:`fleet_server.rollout.desired`) decides only for the devices its map names, with the
+  version the map gives (the rollout's, or the previous one for a reverted device); its
+  selector is not consulted. A device it does not name, or names with None (reverted to "no
+  version of this model"), keeps what older deployments say.
 - The artifact is always the one built for the device's own profile; a deployment that would
   leave a targeted device without one is refused before it is stored.
 - A device gets a new signed state (sequence + 1) when its model list changes, or when the
@@ -76,6 +81,15 @@ class DeploymentView:
     model: str
     version: str
     selector: Selector
+    #: for a rollout-backed deployment: device id -> the version the rollout wants there
+    #: (:func:`fleet_server.rollout.desired`); None: a plain deployment (its selector decides)
+    rollout: Mapping[str, str | None] | None = field(default=None, compare=False)
+
+    def version_for(self, device: DeviceView) -> str | None:
+        """The version this deployment gives ``device``, or None when it has no say."""
+        if self.rollout is not None:
+            return self.rollout.get(device.id)
+        return self.version if matches(self.selector, device) else None
 
 
 @dataclass(frozen=True)
@@ -135,16 +149,20 @@ def compute_desired(devices: Sequence[DeviceView], deployments: Sequence[Deploym
     """Each device's desired models, sorted by name. Pure.
 
     A (model, version) without an artifact for a device's profile is skipped for that device
-    (the deploy-time check makes this rare: it happens only for devices provisioned later).
+    (the deploy-time check makes this rare: it happens only for devices provisioned later), and
+    older deployments decide instead.
     """
     newest_first = sorted(deployments, key=lambda dep: dep.id, reverse=True)
     out: dict[str, tuple[DesiredModel, ...]] = {}
     for device in devices:
         chosen: dict[str, DesiredModel] = {}
         for dep in newest_first:
-            if dep.model in chosen or not matches(dep.selector, device):
+            if dep.model in chosen:
                 continue
-            art = artifacts.get((dep.model, dep.version, device.profile))
+            version = dep.version_for(device)
+            if version is None:
+                continue
+            art = artifacts.get((dep.model, version, device.profile))
             if art is not None:
                 chosen[dep.model] = art.desired()
         out[device.id] = tuple(chosen[k] for k in sorted(chosen))

@@ -6,12 +6,22 @@ every device's state from all active deployments and signs what changed (or is n
 :func:`publish_pending` sends every unpublished state, retained, and marks it published. A
 crash between the two only delays publication: the next pass sends it again, and a device
 refuses nothing it already applied because the sequence is the same.
+
+A deployment with a ``rollout`` spec moves its devices in waves (:mod:`fleet_server.rollout`,
+stored by :mod:`fleet_server.deploy.rollouts`): its rollout's per-device map, not its selector,
+says which devices get its version. :func:`advance_rollouts` is THE re-planning step (plan every
+rollout, store, audit, re-sign, in the caller's transaction); it runs after every deploy,
+cancel and rollout command, from the MQTT runtime's maintenance pass, and after a device in a
+rollout reported (:func:`replan_after_reports`). A new deployment of a model supersedes the
+model's rollouts that still hold devices.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
@@ -21,10 +31,8 @@ from agent.protocol.signed import sign_desired
 from fleet_server import audit
 from fleet_server.auth import Principal
 from fleet_server.db import atomic, tables
+from fleet_server.deploy import rollouts
 from fleet_server.deploy.plan import (
-    ArtifactView,
-    DeploymentView,
-    DeviceView,
     Selector,
     StoredDesired,
     compute_desired,
@@ -32,51 +40,141 @@ from fleet_server.deploy.plan import (
     needs_new_state,
     targeted,
 )
+from fleet_server.deploy.views import load_active_deployments, load_artifacts, load_devices
 from fleet_server.errors import BrokerError, Conflict, InvalidInput, NotFound
 from fleet_server.fleet import Fleet
+from fleet_server.rollout import Cancel, Command, Pause, Resume, RolloutSpec, Supersede
 
 __all__ = [
+    "COMMANDS",
+    "Advanced",
+    "advance_rollouts",
     "cancel",
+    "command_rollout",
     "deploy",
     "list_deployments",
     "load_artifacts",
     "load_devices",
     "publish_pending",
     "refresh_desired",
+    "replan_after_reports",
 ]
 
 log = logging.getLogger(__name__)
 
 
-def load_devices(conn: Connection, *, include_revoked: bool = False) -> list[DeviceView]:
-    q = select(tables.devices.c.id, tables.devices.c.profile, tables.devices.c.tags,
-               tables.devices.c.revoked_at).order_by(tables.devices.c.id)
-    return [DeviceView(r.id, r.profile, frozenset(json.loads(r.tags)))
-            for r in conn.execute(q) if include_revoked or r.revoked_at is None]
+def _rollout_statuses(conn: Connection, ids: Collection[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    c = tables.rollouts.c
+    return {int(row.id): str(row.status) for row in conn.execute(
+        select(c.id, c.status).where(c.id.in_(list(ids))))}
 
 
-def load_artifacts(conn: Connection) -> dict[tuple[str, str, str], ArtifactView]:
-    return {(r.name, r.version, r.profile): ArtifactView(
-        r.name, r.version, r.profile, r.sha256, r.length, r.target_path, r.manifest_target)
-        for r in conn.execute(select(tables.artifacts))}
-
-
-def _active(conn: Connection) -> list[DeploymentView]:
-    rows = conn.execute(select(tables.deployments).where(
-        tables.deployments.c.status == "active")).all()
-    return [DeploymentView(r.id, r.model, r.version, Selector.from_dict(json.loads(r.selector)))
-            for r in rows]
-
-
-def _deployment_dict(row: Any) -> dict[str, Any]:
+def _deployment_dict(row: Any, rollout_status: str | None) -> dict[str, Any]:
     return {"id": row.id, "model": row.model, "version": row.version,
             "selector": json.loads(row.selector), "status": row.status,
-            "created_at": row.created_at}
+            "created_at": row.created_at,
+            "rollout_id": row.id if rollout_status is not None else None,
+            "rollout_status": rollout_status}
 
 
+def _one_deployment(conn: Connection, deployment_id: int) -> dict[str, Any]:
+    row = conn.execute(select(tables.deployments).where(
+        tables.deployments.c.id == deployment_id)).one()
+    return _deployment_dict(row, _rollout_statuses(conn, [deployment_id]).get(deployment_id))
+
+
+# ------------------------------------------------------------------------------- rollouts
+@dataclass(frozen=True)
+class Advanced:
+    """What :func:`advance_rollouts` did: the rollout steps, and the devices re-signed."""
+
+    steps: tuple[rollouts.Step, ...]
+    desired_changed: tuple[str, ...]
+
+    @property
+    def rollout_ids(self) -> list[int]:
+        return [s.rollout_id for s in self.steps]
+
+
+def advance_rollouts(fleet: Fleet, conn: Connection, *,
+                     commands: Mapping[int, Sequence[Command]] | None = None,
+                     actor: str = rollouts.PLANNER) -> Advanced:
+    """Re-plan every rollout and re-sign what changed, in the caller's transaction.
+
+    Plans every rollout still holding devices (and every commanded one), stores the new states
+    and audits each step (:func:`fleet_server.deploy.rollouts.plan_rollouts`), re-signs every
+    desired state that changed (or nears expiry), then records which signed sequence carries
+    each rollout's version. Publish with :func:`publish_pending` after the commit.
+
+    Raises:
+        NotFound: a command names no rollout.
+        Conflict: a command the rollout's status does not allow.
+        StoreError: the database failed, or a commanded rollout cannot be planned.
+    """
+    steps = rollouts.plan_rollouts(fleet, conn, commands=commands, actor=actor)
+    changed = refresh_desired(fleet, conn)
+    rollouts.record_desired_sequences(conn)
+    return Advanced(tuple(steps), tuple(changed))
+
+
+#: what ``command_rollout`` accepts
+COMMANDS = ("pause", "resume", "cancel")
+
+
+def command_rollout(fleet: Fleet, conn: Connection, rollout_id: int, command: str, *,
+                    actor: Principal, reason: str | None = None) -> dict[str, Any]:
+    """Pause, resume or cancel a rollout; return its summary after the re-plan.
+
+    Args:
+        command: ``pause``, ``resume`` or ``cancel``.
+        reason: shown in the rollout's status (pause and cancel; default: "... by <actor>").
+
+    Raises:
+        NotFound: no such rollout.
+        Conflict: the rollout's status does not allow the command (e.g. it finished).
+        ValueError: an unknown command (programmer misuse).
+    """
+    given: Command
+    if command == "pause":
+        given = Pause(reason or f"paused by {actor.actor}")
+    elif command == "resume":
+        given = Resume()
+    elif command == "cancel":
+        given = Cancel(reason or f"cancelled by {actor.actor}")
+    else:
+        raise ValueError(f"command: expected one of {', '.join(COMMANDS)}, got {command!r}")
+    rollouts.load(conn, rollout_id)  # 404 before anything else
+    advance_rollouts(fleet, conn, commands={rollout_id: [given]}, actor=actor.actor)
+    return rollouts.get_rollout(conn, rollout_id)
+
+
+def replan_after_reports(fleet: Fleet, device_ids: Collection[str]) -> bool:
+    """After devices reported: re-plan and publish if a rollout holding any of them may move.
+
+    Called by the MQTT runtime (off its ingest thread) with the devices whose ``reported``
+    state it stored. Returns whether it re-planned.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    with atomic(fleet.engine) as conn:
+        if not rollouts.holds_device(conn, device_ids):
+            return False
+        advance_rollouts(fleet, conn)
+    publish_pending(fleet)
+    return True
+
+
+# ------------------------------------------------------------------------------- deployments
 def deploy(fleet: Fleet, conn: Connection, *, model: str, version: str, selector: Selector,
-           actor: Principal) -> dict[str, Any]:
+           actor: Principal, rollout: RolloutSpec | None = None) -> dict[str, Any]:
     """Store a deployment and re-sign the desired state of every device it changes.
+
+    Without ``rollout`` every selected device gets the version at once; with one, the
+    rollout's first wave does, and later waves as the gates pass (:func:`advance_rollouts`).
+    Either way the model's rollouts that still hold devices are superseded.
 
     Raises:
         NotFound: no such model version.
@@ -107,18 +205,29 @@ def deploy(fleet: Fleet, conn: Connection, *, model: str, version: str, selector
     audit.record(conn, at=now, actor=actor.actor, action="deployment.create",
                  target=f"deployment:{dep_id}",
                  after={"model": model, "version": version, "selector": selector.to_dict(),
-                        "devices": [d.id for d in devices]})
-    changed = refresh_desired(fleet, conn)
-    row = conn.execute(select(tables.deployments).where(tables.deployments.c.id == dep_id)).one()
-    out = _deployment_dict(row)
+                        "devices": [d.id for d in devices],
+                        "rollout": rollout.to_dict() if rollout else None})
+    c = tables.rollouts.c
+    older = conn.execute(select(c.id).where(c.model == model, c.status.in_(rollouts.ACTIVE))
+                         ).scalars().all()
+    if rollout is not None:
+        rollouts.create(conn, deployment_id=dep_id, model=model, version=version, spec=rollout,
+                        now=now)
+    advanced = advance_rollouts(fleet, conn, commands={
+        int(i): [Supersede(f"deployment {dep_id}")] for i in older}, actor=actor.actor)
+    out = _one_deployment(conn, dep_id)
     out["devices"] = sorted(d.id for d in devices)
-    out["desired_changed"] = changed
+    out["desired_changed"] = list(advanced.desired_changed)
+    out["superseded_rollouts"] = sorted(int(i) for i in older)
+    out["rollout"] = rollouts.get_rollout(conn, dep_id) if rollout else None
     return out
 
 
 def cancel(fleet: Fleet, conn: Connection, deployment_id: int, *,
            actor: Principal) -> dict[str, Any]:
     """Cancel a deployment; devices fall back to what older active deployments say.
+
+    Its rollout, if it has one still holding devices, is cancelled too.
 
     Raises:
         NotFound: no such deployment.
@@ -136,15 +245,21 @@ def cancel(fleet: Fleet, conn: Connection, deployment_id: int, *,
     audit.record(conn, at=now, actor=actor.actor, action="deployment.cancel",
                  target=f"deployment:{deployment_id}", before={"status": "active"},
                  after={"status": "cancelled"})
-    refresh_desired(fleet, conn)
-    return _deployment_dict(conn.execute(select(tables.deployments).where(
-        tables.deployments.c.id == deployment_id)).one())
+    status = _rollout_statuses(conn, [deployment_id]).get(deployment_id)
+    commands: dict[int, list[Command]] = {}
+    if status in rollouts.ACTIVE:
+        commands[deployment_id] = [Cancel(f"deployment {deployment_id} cancelled by "
+                                          f"{actor.actor}")]
+    advance_rollouts(fleet, conn, commands=commands, actor=actor.actor)
+    return _one_deployment(conn, deployment_id)
 
 
 def list_deployments(conn: Connection, *, limit: int, offset: int = 0
                      ) -> tuple[list[dict[str, Any]], int]:
     rows = conn.execute(select(tables.deployments).order_by(tables.deployments.c.id.desc())).all()
-    return [_deployment_dict(r) for r in rows[offset:offset + limit]], len(rows)
+    page = rows[offset:offset + limit]
+    statuses = _rollout_statuses(conn, [int(r.id) for r in page])
+    return [_deployment_dict(r, statuses.get(int(r.id))) for r in page], len(rows)
 
 
 def _stored(conn: Connection) -> dict[str, StoredDesired]:
@@ -160,7 +275,7 @@ def refresh_desired(fleet: Fleet, conn: Connection) -> list[str]:
     expiry; return their ids. Runs inside the caller's transaction."""
     now = fleet.now()
     devices = load_devices(conn)
-    desired = compute_desired(devices, _active(conn), load_artifacts(conn))
+    desired = compute_desired(devices, load_active_deployments(conn), load_artifacts(conn))
     stored = _stored(conn)
     changed = []
     for device in devices:

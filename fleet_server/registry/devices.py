@@ -21,7 +21,8 @@ from agent.protocol.topics import DEVICE_ID_PATTERN, is_valid_device_id
 from fleet_server import audit, auth
 from fleet_server.auth import Principal
 from fleet_server.db import tables
-from fleet_server.deploy.service import refresh_desired
+from fleet_server.deploy.rollouts import device_rollouts
+from fleet_server.deploy.service import advance_rollouts
 from fleet_server.errors import Conflict, InvalidInput, NotFound
 from fleet_server.fleet import Fleet
 
@@ -91,8 +92,9 @@ def provision(fleet: Fleet, conn: Connection, *, device_id: str, profile: str,
     audit.record(conn, at=now, actor=actor.actor, action="device.provision",
                  target=f"device:{device_id}",
                  after={"profile": profile, "tags": list(clean_tags)})
-    # a deployment stored earlier may already select this device (by tag, profile or all)
-    refresh_desired(fleet, conn)
+    # a deployment stored earlier may already select this device (by tag, profile or all);
+    # a completed rollout takes it at once, a running one when its wave comes
+    advance_rollouts(fleet, conn)
     base = fleet.settings.base_url
     prov = Provisioning(
         device_id=device_id, profile=profile, mqtt_url=mqtt_public_url(fleet),
@@ -119,7 +121,12 @@ def device_dict(row: Any) -> dict[str, Any]:
 
 
 def get_device(conn: Connection, device_id: str) -> dict[str, Any]:
-    """Raises: NotFound."""
+    """The device with its last signed desired state and the rollouts that moved it (its
+    outcome in each, and why: e.g. that it rolled back by itself).
+
+    Raises:
+        NotFound: no such device.
+    """
     row = conn.execute(select(tables.devices).where(tables.devices.c.id == device_id)).first()
     if row is None:
         raise NotFound(f"device {device_id!r} not found")
@@ -130,6 +137,7 @@ def get_device(conn: Connection, device_id: str) -> dict[str, Any]:
         "sequence": desired.sequence, "models": json.loads(desired.models),
         "issued_at": desired.issued_at, "expires_at": desired.expires_at,
         "published": bool(desired.published)}
+    out["rollouts"] = device_rollouts(conn, device_id)
     return out
 
 

@@ -188,10 +188,11 @@ def push_bundle(fleet: Fleet, conn: Connection, tar_path: Path, *,
                      target=f"model:{manifest.name}/{manifest.version}/{manifest.profile}",
                      after={"sha256": manifest.file.sha256, "length": manifest.file.length,
                             "precision": manifest.precision})
-    # a deployment may already select devices of this profile that had nothing to run
-    from fleet_server.deploy.service import refresh_desired
+    # a deployment (or a rollout) may already select devices of this profile that had nothing
+    # to run
+    from fleet_server.deploy.service import advance_rollouts
 
-    refresh_desired(fleet, conn)
+    advance_rollouts(fleet, conn)
     return get_version(conn, manifest.name, manifest.version)
 
 

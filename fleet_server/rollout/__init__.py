@@ -4,6 +4,11 @@
   checked on construction; ``from_dict``/``to_dict`` and the ``"5%,25%,100%"`` shorthand.
 - :mod:`fleet_server.rollout.planner`: :func:`plan` (state + reports + clock + commands ->
   new state + actions), :func:`desired` and :func:`summary`. Pure: no I/O, no clock reads.
+- :mod:`fleet_server.rollout.health`: a device's requests, errors, p95 and drift on one model
+  version, folded from the metrics and drift record bodies it sent (pure).
+
+The I/O shell around them is :mod:`fleet_server.deploy.rollouts` (storage, device reports, one
+planning pass) and :func:`fleet_server.deploy.service.advance_rollouts`.
 
 Errors: :class:`SpecError` (a bad spec) and :class:`CommandError` (a command the rollout's
 status does not allow) are both ``ValueError``; the API maps them to 422 and 409.

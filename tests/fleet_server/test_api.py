@@ -436,6 +436,8 @@ INVALID_ROWS = [
     ("page-over-limit", "GET", "/v1/devices?limit=501", None, "limit"),
     ("page-zero", "GET", "/v1/models?limit=0", None, "query.limit"),
     ("offset-negative", "GET", "/v1/deployments?offset=-1", None, "query.offset"),
+    ("query-unknown", "GET", "/v1/devices?tags=lab", None, "query.tags: expected no such"),
+    ("query-repeated", "GET", "/v1/devices?tag=a&tag=b", None, "query.tag: expected one value"),
     ("audit-page-over-limit", "GET", "/v1/audit?limit=100000", None, "limit"),
     ("cancel-id-not-int", "POST", "/v1/deployments/abc/cancel", None, "path.deployment_id"),
     ("body-not-json", "POST", "/v1/tokens", "{not json", "body: JSON decode error"),
@@ -487,7 +489,7 @@ def test_healthz_needs_no_token_and_openapi_documents_security(h: Harness) -> No
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     ops = [(path, method, op) for path, item in schema["paths"].items()
            for method, op in item.items()]
-    assert len(ops) == 15
+    assert len(ops) == 20  # 15, plus the 5 rollout routes
     for path, method, op in ops:
         if path == "/healthz":
             assert "security" not in op

@@ -254,7 +254,8 @@ def test_push_deploy_rollout_cancel_audit(server: Server, tmp_path: Path) -> Non
     mine = next(e for e in json.loads(status.stdout) if e["deployment"]["id"] == dep["id"])
     assert [(r["device"], r["state"], r["desired_sequence"]) for r in mine["devices"]] == [
         ("dev-c", "pending", 1)]
-    assert "Staged waves do not exist yet" in server.run("rollout", "status").stdout
+    overview = server.run("rollout", "status").stdout
+    assert f"Deployment {dep['id']}: digits 1.1.0 to tag:line-3 (active; all at once)" in overview
 
     cancelled = server.run("deployment", "cancel", str(dep["id"]))
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout

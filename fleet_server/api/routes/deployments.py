@@ -1,7 +1,8 @@
 """Deployments: list (reader), create and cancel (publisher).
 
 Creating or cancelling re-signs the desired state of every device it changes (inside the
-transaction) and publishes the new states once the transaction has committed.
+transaction) and publishes the new states once the transaction has committed. A deployment
+with a ``rollout`` object moves its devices in waves (see ``/v1/rollouts``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fleet_server.api.schemas import (
     error_responses,
 )
 from fleet_server.db import atomic
-from fleet_server.deploy import service
+from fleet_server.deploy import rollouts, service
 from fleet_server.deploy.plan import Selector
 from fleet_server.errors import InvalidInput
 
@@ -46,13 +47,16 @@ def list_deployments(caller: ReaderDep, fleet: FleetDep, page: PageDep) -> dict[
 
 @router.post("", status_code=201, response_model=DeploymentCreated,
              responses=error_responses(403, 404, 409),
-             summary="Deploy a model version to the devices a selector matches")
+             summary="Deploy a model version to the devices a selector matches, at once or "
+                     "in waves; supersedes the model's running rollouts")
 def create_deployment(body: DeploymentCreate, caller: PublisherDep,
                       fleet: FleetDep) -> dict[str, Any]:
     selector = _selector(body.selector)
+    spec = (rollouts.parse_spec(body.rollout.model_dump(exclude_unset=True))
+            if body.rollout is not None else None)
     with atomic(fleet.engine) as conn:
         out = service.deploy(fleet, conn, model=body.model, version=body.version,
-                             selector=selector, actor=caller)
+                             selector=selector, actor=caller, rollout=spec)
     service.publish_pending(fleet)
     return out
 

@@ -68,3 +68,15 @@ def test_bad_config_exits_1_naming_the_file(tmp_path: Path) -> None:
 def test_predict_with_a_malformed_body_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["predict", "digits", "--json", json.dumps({"x": 1})])
     assert result.exit_code == 2 and "inputs" in result.output
+
+
+def test_the_agent_imports_nothing_from_the_server_or_the_converter() -> None:
+    """`pip install edgefleet[agent]` must stay light: the daemon and CLI may not import the
+    server, the converter or their heavy dependencies (checked in a fresh interpreter)."""
+    code = ("import sys, agent.daemon.app, agent.cli\n"
+            "heavy = ('fleet_server', 'model_tools', 'fastapi', 'uvicorn', 'sqlalchemy', 'amqtt',"
+            " 'onnx', 'torch', 'sklearn', 'skl2onnx', 'tensorflow', 'rich')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -1,0 +1,163 @@
+"""Benchmark a fleet rollout: deploy -> every simulated device committed, at 100, 300, 1,000.
+
+Usage::
+
+    .venv/bin/python bench/fleet_sim.py                     # 100, 300, 1000 on Mosquitto
+    .venv/bin/python bench/fleet_sim.py --sizes 100,300     # a few minutes less
+    .venv/bin/python bench/fleet_sim.py --broker embedded --sizes 100
+
+Each size is one :class:`fleet_server.simulate.FleetSimulation` (see that module for what is
+real and what each number means): a fresh server data dir, N provisioned devices (profiles
+``rpi4`` and ``rpi-zero2w`` alternating), N real agents in worker processes (at most 80 per
+process: paho-mqtt's ``select()`` cannot watch descriptors numbered 1024 or more, so
+``--workers`` is raised to N/80), ``digits 1.0.0`` deployed to all of them. Converted bundles
+are cached in ``--work-dir`` (default ``bench/out/fleet_sim``, gitignored).
+
+The goal (issue 5): deploy -> 1,000 simulated devices committed on real Mosquitto on this
+2-core machine in <= 20 s. It is reported as PASS or MISS, never asserted. The simulated
+devices run on the same two cores as the server and the broker, so the device-side CPU counts
+against the goal too; the table shows each side's CPU per device. The host's 1-minute load
+average before each run is printed: other work on the machine slows every number here.
+
+Results go to stdout as Markdown; progress to stderr. The soft ``RLIMIT_NOFILE`` is raised to
+the hard limit. Exit codes: 0 done (whatever the goal says), 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.errors import AgentError  # noqa: E402 - after the sys.path line above
+from fleet_server.errors import FleetError  # noqa: E402
+from fleet_server.simulate import (  # noqa: E402
+    FleetSimulation,
+    SimConfig,
+    SimResult,
+    raise_nofile_limit,
+)
+
+GOAL_DEVICES = 1000
+GOAL_S = 20.0
+
+
+def _row(n: int, result: SimResult | None, load: float, error: str | None) -> dict[str, Any]:
+    if result is None:
+        return {"devices": n, "error": error, "load_1m": load}
+    per = max(1, result.devices)
+    return {
+        "devices": n, "workers": result.workers, "converged": result.converged,
+        "deploy_to_all_s": result.deploy_to_all_s, "elapsed_s": result.elapsed_s,
+        "deploy_request_s": result.deploy_request_s, "p50_s": result.p50_s,
+        "msgs_per_s": result.msgs_per_s, "ingest_messages": result.ingest_messages,
+        "server_cpu_ms_per_device": result.server_cpu_ms_per_device,
+        "broker_cpu_s": result.broker_cpu_s,
+        "agents_cpu_ms_per_device": None if result.agents_cpu_s is None
+        else 1e3 * result.agents_cpu_s / per,
+        "agent_rss_mb_per_device": result.agent_rss_mb_per_device,
+        "agent_threads": result.agent_threads, "setup_s": result.setup_s, "load_1m": load,
+        "pending": result.count("pending"),
+    }
+
+
+def _f(value: Any, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(rows: list[dict[str, Any]], broker: str, goal_s: float) -> str:
+    head = ("| devices | workers | deploy → all committed (s) | deploy request (s) | p50 (s) | "
+            "msgs/s | server CPU ms/device | broker CPU (s) | agents CPU ms/device | "
+            "agent RSS MB/device | load 1m before |")
+    title = (f"Fleet rollout on {broker}, {os.cpu_count()} cores, Python "
+             f"{platform.python_version()}:")
+    lines = [title, "", head,
+             "|" + "---:|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['devices']} | failed: {r['error'][:80]} |")
+            continue
+        done = _f(r["deploy_to_all_s"]) if r["converged"] else \
+            f"not all ({r['pending']} pending after {r['elapsed_s']:.0f})"
+        lines.append(
+            f"| {r['devices']} | {r['workers']} | {done} | {_f(r['deploy_request_s'])} | "
+            f"{_f(r['p50_s'])} | {_f(r['msgs_per_s'], '.0f')} | "
+            f"{_f(r['server_cpu_ms_per_device'])} | {_f(r['broker_cpu_s'], '.2f')} | "
+            f"{_f(r['agents_cpu_ms_per_device'])} | {_f(r['agent_rss_mb_per_device'])} | "
+            f"{r['load_1m']:.1f} |")
+    lines.append("")
+    ok = [r for r in rows if "error" not in r and r["converged"]]
+    goal = next((r for r in ok if r["devices"] == GOAL_DEVICES), None)
+    if goal is not None:
+        verdict = "PASS" if goal["deploy_to_all_s"] <= goal_s else "MISS"
+        lines.append(f"Goal: deploy → {GOAL_DEVICES} devices committed in ≤ {goal_s:g} s: "
+                     f"**{verdict}** ({goal['deploy_to_all_s']:.1f} s).")
+    else:
+        largest = max((r["devices"] for r in ok), default=None)
+        lines.append(f"Goal: {GOAL_DEVICES} devices not measured (largest N that converged: "
+                     f"{largest}).")
+    if len(ok) >= 2:
+        a, b = ok[0], ok[-1]
+        growth = b["deploy_to_all_s"] / a["deploy_to_all_s"]
+        lines.append(f"Growth {a['devices']} → {b['devices']} devices "
+                     f"(x{b['devices'] / a['devices']:g}): time x{growth:.1f}, "
+                     f"{1e3 * a['deploy_to_all_s'] / a['devices']:.0f} → "
+                     f"{1e3 * b['deploy_to_all_s'] / b['devices']:.0f} ms per device.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,300,1000",
+                        help="device counts, comma-separated (%(default)s)")
+    parser.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes (raised to N/80) (%(default)s)")
+    parser.add_argument("--worker-nice", type=int, default=0,
+                        help="niceness of the worker processes (%(default)s)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="per size: deploy -> all converged (%(default)s s)")
+    parser.add_argument("--goal-s", type=float, default=GOAL_S)
+    parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "fleet_sim")
+    parser.add_argument("--json", action="store_true", help="JSON rows instead of Markdown")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sizes: expected integers, got {args.sizes!r}")
+    soft, hard = raise_nofile_limit()
+    print(f"RLIMIT_NOFILE soft {soft}, hard {hard}", file=sys.stderr)
+    rows = []
+    for n in sizes:
+        load = os.getloadavg()[0]
+        print(f"== {n} devices on {args.broker} (load {load:.1f})", file=sys.stderr, flush=True)
+        config = SimConfig(devices=n, workers=args.workers, broker=args.broker,
+                           timeout_s=args.timeout, worker_nice=args.worker_nice,
+                           work_dir=args.work_dir)
+        result, error = None, None
+        t0 = time.perf_counter()
+        try:
+            with FleetSimulation(config) as sim:
+                result = sim.run()
+        except (OSError, RuntimeError, AgentError, FleetError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        print(result.table() if result is not None else f"failed: {error}", file=sys.stderr)
+        print(f"({time.perf_counter() - t0:.0f} s in all)", file=sys.stderr, flush=True)
+        rows.append(_row(n, result, load, error))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(markdown(rows, args.broker, args.goal_s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,9 @@
 - The server's own MQTT password lives in ``<data_dir>/mqtt/server.secret`` (0600).
 - Incoming ``reported``/``status``/``telemetry``/``drift`` messages are stored by
   :func:`fleet_server.ingest.handle_message` on ONE worker thread (in arrival order, one SQLite
-  writer), and acks are published back.
+  writer), and acks are published back from a second thread, so ingest never waits for a
+  PUBACK: when several acks for one (device, stream) are waiting, only the newest (highest)
+  is sent, since it covers the others.
 - Desired states go out through :class:`LinkPublisher` (retained, QoS 1, PUBACK awaited).
 - A maintenance loop re-signs the TUF timestamp before it expires, re-plans the rollouts (a
   bake time over, an offline device's grace run out), re-signs desired states near expiry, and
@@ -91,6 +93,12 @@ class MqttRuntime:
         self._ingest_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edgefleet-ingest")
         self.ingested = 0
+        # acks: one sender thread; per (device, stream) only the newest waiting ack is sent
+        self._ack_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgefleet-ack")
+        self._ack_lock = threading.Lock()
+        self._acks: dict[tuple[str, str], bytes] = {}
+        self._ack_future: concurrent.futures.Future[None] | None = None
         # re-plans after reports: one worker, one queued pass at a time (see _replan_soon)
         self._replan_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edgefleet-replan")
@@ -163,8 +171,10 @@ class MqttRuntime:
 
     def ingest(self, topic: str, payload: bytes) -> None:
         """Store one device message on the calling thread, as the ingest worker does: publish
-        its ack, and queue a re-plan when it is a device's reported state."""
+        its ack (waiting until it is sent), and queue a re-plan when it is a device's reported
+        state."""
         self._ingest(topic, payload)
+        self.wait_acks()
 
     def _ingest(self, topic: str, payload: bytes) -> None:
         try:
@@ -176,10 +186,35 @@ class MqttRuntime:
         if result.kind == "reported" and result.device_id:
             self._replan_soon(result.device_id)
         if result.ack_payload is not None and result.device_id and self.fleet.publisher:
-            try:
-                self.fleet.publisher.publish_ack(result.device_id, result.ack_payload)
-            except BrokerError as exc:  # the next batch's ack covers this one
-                log.warning("ack to %s not sent: %s", result.device_id, exc)
+            self._ack_soon(result.device_id, result.kind, result.ack_payload)
+
+    def _ack_soon(self, device_id: str, stream: str, payload: bytes) -> None:
+        """Queue an ack (called on the ingest thread, no I/O). Acks of one stream come in
+        ingest order with a growing ``upto_seq``: a newer one replaces one still waiting."""
+        key = (device_id, stream)
+        with self._ack_lock:
+            queued = key in self._acks
+            self._acks[key] = payload
+            if not queued:
+                self._ack_future = self._ack_pool.submit(self._send_ack, key)
+
+    def _send_ack(self, key: tuple[str, str]) -> None:
+        with self._ack_lock:
+            payload = self._acks.pop(key, None)
+        publisher = self.fleet.publisher
+        if payload is None or publisher is None:
+            return
+        try:
+            publisher.publish_ack(key[0], payload)
+        except BrokerError as exc:  # the next batch's ack covers this one
+            log.warning("ack to %s not sent: %s", key[0], exc)
+
+    def wait_acks(self, timeout: float | None = None) -> None:
+        """Block until the acks queued so far have been sent (for tests and shutdown)."""
+        with self._ack_lock:
+            future = self._ack_future
+        if future is not None:
+            future.result(timeout)
 
     def _replan_soon(self, device_id: str) -> None:
         """Queue a re-plan for a device's new report (called on the ingest thread, no I/O).
@@ -244,6 +279,7 @@ class MqttRuntime:
         self.fleet.extra.pop("kick", None)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._ingest_pool.shutdown, True)
+        await loop.run_in_executor(None, self._ack_pool.shutdown, True)
         await loop.run_in_executor(None, self._replan_pool.shutdown, True)
         if self.link is not None:
             await loop.run_in_executor(None, self.link.close)

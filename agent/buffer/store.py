@@ -10,8 +10,11 @@ One SQLite file (``<data_dir>/outbox.db``) opened through sqlite-utils, in WAL m
   since the WAL was last synced (at a checkpoint) may be rolled back, counters included.
   Because a rolled-back counter would hand out a sequence number again, nothing leaves the
   device before it is on stable storage: :meth:`Outbox.build_batches` checkpoints (which syncs
-  the WAL, then the database) before it returns a batch. Lost un-sent rows are the price of
-  not calling ``fsync`` on every metrics row, which an SD card could not sustain.
+  the WAL, then the database) before it returns a batch, when a counter moved since the last
+  checkpoint (rows appended, or an ack raised a counter); acks that only delete rows do not
+  need one (rows they delete and a power cut brings back are sent again and de-duplicated).
+  Lost un-sent rows are the price of not calling ``fsync`` on every metrics row, which an SD
+  card could not sustain.
 
 Rows are ``(stream, seq, priority, kind, at, body)``. ``stream`` is one of
 :data:`agent.protocol.messages.STREAMS`; ``seq`` comes from a per-stream counter kept in the
@@ -172,8 +175,26 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
                             allow_nan=False)
 
 
+def _str_keys_only(value: object) -> bool:
+    """Whether every dict in ``value`` has only ``str`` keys (then its encoding is canonical:
+    re-parsing and re-encoding it gives the same text)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) is not str or (isinstance(item, (dict, list, tuple))
+                                        and not _str_keys_only(item)):
+                return False
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(not isinstance(x, (dict, list, tuple)) or _str_keys_only(x) for x in value)
+    return True
+
+
 def _encode(kind: str, body: Mapping[str, Any], at: float) -> tuple[str, int, str]:
-    """``(kind, at, body JSON)`` of one row, checked (misuse -> ValueError)."""
+    """``(kind, at, body JSON)`` of one row, checked (misuse -> ValueError).
+
+    The body text is canonical JSON, exactly what ``canonical_json`` makes of the parsed text
+    (:meth:`Outbox.build_payloads` splices it into messages as it is).
+    """
     if not isinstance(kind, str) or not 0 < len(kind) <= _MAX_KIND:
         raise ValueError(f"kind: expected a string of 1..{_MAX_KIND} characters, got {kind!r}")
     if not isinstance(body, Mapping):
@@ -182,7 +203,10 @@ def _encode(kind: str, body: Mapping[str, Any], at: float) -> tuple[str, int, st
             or at < 0:
         raise ValueError(f"at: expected unix seconds >= 0, got {at!r}")
     try:
-        text = _ENCODER.encode(body if type(body) is dict else dict(body))
+        data = body if type(body) is dict else dict(body)
+        text = _ENCODER.encode(data)
+        if not _str_keys_only(data):  # int/float/bool/None keys: sorted as numbers, not text
+            text = _ENCODER.encode(json.loads(text))
         size = len(text.encode("utf-8"))
     except (ValueError, TypeError, UnicodeEncodeError, RecursionError) as exc:
         raise ValueError(f"body of kind {kind!r}: expected JSON data (no NaN, no lone "
@@ -214,6 +238,8 @@ class Outbox:
         self._lock = threading.RLock()
         self._depth = 0
         self._state_cache: _State | None = None
+        # a counter moved (rows appended, an ack raised one) since the last checkpoint
+        self._unsynced = True
 
     # -----------------------------------------------------------------------------------------
     # opening
@@ -444,6 +470,7 @@ class Outbox:
                 for i, (kind, at, body) in enumerate(rows)])
             self._conn.execute("UPDATE outbox_streams SET next_seq = ? WHERE stream = ?",
                                (first + len(rows), stream))
+            self._unsynced = True
             state.next_seq[stream] = first + len(rows)
             state.rows += len(rows)
             if evict and state.rows > self.max_rows:
@@ -507,6 +534,7 @@ class Outbox:
             if upto_seq >= state.next_seq[stream]:
                 self._conn.execute("UPDATE outbox_streams SET next_seq = ? WHERE stream = ?",
                                    (upto_seq + 1, stream))
+                self._unsynced = True
                 state.next_seq[stream] = upto_seq + 1
             return int(deleted)
 
@@ -556,8 +584,9 @@ class Outbox:
         The records are split so that each batch's ``to_bytes()`` is at most ``max_bytes``.
         Each batch carries ``floor`` and ``from_seq`` in ``unrecognized`` (module docstring:
         the server may skip the gaps they describe). Before returning anything, the outbox
-        is made durable (a WAL checkpoint), so no seq sent can be handed out again after a
-        power cut. Send them in order; call :meth:`ack` with the server's ack.
+        is made durable (a WAL checkpoint, when a counter moved since the last one), so no seq
+        sent can be handed out again after a power cut. Send them in order; call :meth:`ack`
+        with the server's ack. :meth:`build_payloads` gives the same batches as bytes, faster.
 
         Args:
             stream: one of ``STREAMS``.
@@ -573,6 +602,55 @@ class Outbox:
             RuntimeError: called inside :meth:`atomic` (a checkpoint cannot run there).
             StoreError: the database failed.
         """
+        cls = _BATCH_TYPES.get(stream)
+        batches: list[Any] = []
+        for part, floor, from_seq in self._split(stream, max_records, max_bytes, after):
+            assert cls is not None  # _split checked the stream
+            # one parse for the whole batch: per-call overhead was a third of json.loads' cost
+            bodies = json.loads("[" + ",".join(r[3] for r in part) + "]")
+            records = tuple(Record(seq=seq, kind=kind, at=at, body=body)
+                            for (seq, kind, at, _), body in zip(part, bodies, strict=True))
+            batches.append(cls(device_id=self.device_id, records=records,
+                               unrecognized={"floor": floor, "from_seq": from_seq}))
+        return batches
+
+    def build_payloads(self, stream: str, max_records: int,
+                       max_bytes: int = MAX_MESSAGE_BYTES, *,
+                       after: int = 0) -> list[tuple[bytes, int]]:
+        """:meth:`build_batches` as wire bytes: ``(payload, last seq)`` per batch.
+
+        Each payload is byte-identical to the ``to_bytes()`` of the batch ``build_batches``
+        returns, without parsing and re-encoding the bodies: the stored body text (canonical
+        JSON, see ``_encode``) is spliced into the canonical envelope. Rows written before
+        bodies were stored canonically (only bodies with non-string keys differ) still make
+        valid messages holding the same data, with those keys in another order.
+
+        Raises:
+            ValueError: bad arguments, or ``max_bytes`` too small for one of the records.
+            RuntimeError: called inside :meth:`atomic` (a checkpoint cannot run there).
+            StoreError: the database failed.
+        """
+        head = ('{"device_id":' + canonical_json(self.device_id).decode("utf-8")
+                + ',"floor":')
+        tail = '],"schema_version":' + str(SCHEMA_VERSION) + "}"
+        kinds: dict[str, str] = {}
+        out: list[tuple[bytes, int]] = []
+        for part, floor, from_seq in self._split(stream, max_records, max_bytes, after):
+            pieces = [head, str(floor), ',"from_seq":', str(from_seq), ',"records":[']
+            for i, (seq, kind, at, body) in enumerate(part):
+                kind_json = kinds.get(kind)
+                if kind_json is None:
+                    kind_json = kinds[kind] = canonical_json(kind).decode("utf-8")
+                pieces.append(f'{"," if i else ""}{{"at":{at},"body":{body},'
+                              f'"kind":{kind_json},"seq":{seq}}}')
+            pieces.append(tail)
+            out.append(("".join(pieces).encode("utf-8"), part[-1][0]))
+        return out
+
+    def _split(self, stream: str, max_records: int, max_bytes: int, after: int
+               ) -> list[tuple[list[tuple[int, str, int, str]], int, int]]:
+        """Rows for :meth:`build_batches`, split by size: ``(rows, floor, from_seq)`` per
+        batch; checkpoints first when needed."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) \
                 or not 0 < max_bytes <= MAX_MESSAGE_BYTES:
             raise ValueError(f"max_bytes: expected 1..{MAX_MESSAGE_BYTES}, got {max_bytes!r}")
@@ -581,10 +659,10 @@ class Outbox:
             if not rows:
                 return []
             floor = self.floor(stream)
-            self.sync()
-            cls = _BATCH_TYPES[stream]
+            if self._unsynced:
+                self.sync()
             kinds: dict[str, int] = {}
-            batches: list[Any] = []
+            parts: list[tuple[list[tuple[int, str, int, str]], int, int]] = []
             start = 0
             from_seq = after + 1
             while start < len(rows):
@@ -607,16 +685,10 @@ class Outbox:
                     raise ValueError(f"max_bytes: {max_bytes} is too small for record seq "
                                      f"{rows[start][0]} of {stream} ({size + rec} bytes with "
                                      "the envelope)")
-                part = rows[start:end]
-                # one parse for the whole batch: per-call overhead was a third of json.loads' cost
-                bodies = json.loads("[" + ",".join(r[3] for r in part) + "]")
-                records = tuple(Record(seq=seq, kind=kind, at=at, body=body)
-                                for (seq, kind, at, _), body in zip(part, bodies, strict=True))
-                batches.append(cls(device_id=self.device_id, records=records,
-                                   unrecognized={"floor": floor, "from_seq": from_seq}))
-                from_seq = records[-1].seq + 1
+                parts.append((rows[start:end], floor, from_seq))
+                from_seq = rows[end - 1][0] + 1
                 start = end
-            return batches
+            return parts
 
     def sync(self) -> None:
         """Make every committed row durable against a power cut (a WAL checkpoint).
@@ -631,6 +703,7 @@ class Outbox:
             if self.path is not None:
                 with self._translate("checkpoint"):
                     self._conn.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+            self._unsynced = False
 
     def depth(self, stream: str | None = None) -> int:
         """Rows held, in all streams or in one.

@@ -358,9 +358,9 @@ class Agent:
         for stream in ("telemetry", "drift"):
             if self._sent[stream] - self._acked[stream] >= self._window_rows:
                 continue  # enough in flight: wait for the server's ack
-            for b in self.outbox.build_batches(stream, self.config.sync_batch,
-                                               after=self._sent[stream]):
-                out.append((stream, b.to_bytes(), b.records[-1].seq))
+            for payload, last in self.outbox.build_payloads(stream, self.config.sync_batch,
+                                                            after=self._sent[stream]):
+                out.append((stream, payload, last))
         return out
 
     def send(self, payloads: list[tuple[str, bytes, int]]) -> int:

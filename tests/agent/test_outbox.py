@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import shutil
 import sqlite3
@@ -485,6 +486,91 @@ def test_what_build_batches_returns_is_already_in_the_main_file(outbox: Outbox, 
         assert conn.execute("SELECT count(*) FROM outbox_records").fetchone()[0] == 25
         assert conn.execute("SELECT next_seq FROM outbox_streams WHERE stream = 'telemetry'"
                             ).fetchone()[0] == 26
+
+
+def random_json(rng: random.Random, depth: int = 0) -> Any:
+    """A random JSON value: unicode and escapes, big and negative ints, floats, nesting."""
+    pick = rng.randrange(9 if depth < 3 else 6)
+    if pick == 0:
+        return rng.choice([None, True, False])
+    if pick == 1:
+        return rng.choice([0, -1, 7, 2**53 + 1, -(2**63), 10**30])
+    if pick == 2:
+        return rng.choice([0.0, -0.0, 1.5, 1e-7, 1e22, -3.25, 0.1 + 0.2, rng.random()])
+    if pick in (3, 4, 5):
+        return "".join(rng.choice('aZ09 "\\/\n\t\u00e9\u2028\U0001f600\x00\x1f<>&')
+                       for _ in range(rng.randrange(12)))
+    if pick == 6:
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {random_json_key(rng): random_json(rng, depth + 1) for _ in range(rng.randrange(5))}
+
+
+def random_json_key(rng: random.Random) -> str:
+    return "".join(rng.choice("abAB_\u00e9\U0001f600\"\\ 1") for _ in range(rng.randrange(1, 6)))
+
+
+def both_ways(box: Outbox, stream: str, max_records: int, max_bytes: int = MAX_MESSAGE_BYTES,
+              *, after: int = 0) -> list[tuple[bytes, int]]:
+    """``build_payloads``, checked byte for byte against ``build_batches`` + ``to_bytes``."""
+    payloads = box.build_payloads(stream, max_records, max_bytes, after=after)
+    batches = box.build_batches(stream, max_records, max_bytes, after=after)
+    assert payloads == [(b.to_bytes(), b.last_seq) for b in batches]
+    return payloads
+
+
+@pytest.mark.parametrize("stream", ["telemetry", "drift"])
+@pytest.mark.parametrize("seed", range(4))
+def test_build_payloads_is_byte_identical_to_the_batches(outbox: Outbox, stream: str,
+                                                         seed: int) -> None:
+    rng = random.Random(seed)
+    kinds = ["m", "drift.summary", "k\u00e9y \"q\"", "\U0001f600"]
+    for _ in range(6):
+        outbox.append_many(stream, [
+            (rng.choice(kinds), {random_json_key(rng): random_json(rng)
+                                 for _ in range(rng.randrange(6))}, NOW + rng.randrange(10**6))
+            for _ in range(rng.randrange(1, 40))], priority=rng.choice(["metrics", "event"]))
+    total = outbox.depth(stream)
+    sent = both_ways(outbox, stream, 1000)
+    assert sent and sent[-1][1] == total
+    for max_bytes in (1500, 4096, 20_000):  # split by size: from_seq moves per batch
+        assert both_ways(outbox, stream, 1000, max_bytes)
+    outbox.ack(stream, 17)  # floor above 1
+    after = 30  # from_seq above the floor, as with batches in flight
+    assert both_ways(outbox, stream, 25, 3000, after=after) or total <= after
+    assert both_ways(outbox, stream, 1000, after=total) == []
+
+
+def test_non_string_keys_are_stored_canonically(outbox: Outbox) -> None:
+    """Int keys sort as numbers when encoded (10 before 9): stored re-sorted as text, so the
+    stored body is what the server's canonical encoding of the message holds."""
+    body: dict[Any, Any] = {10: "a", 9: {2.5: None, 1: [True]}}
+    outbox.append("telemetry", "m", body, at=NOW, priority="metrics")
+    [(payload, _)] = both_ways(outbox, "telemetry", 10)
+    assert b'"body":{"10":"a","9":{"1":[true],"2.5":null}}' in payload
+
+
+def test_build_payloads_checkpoints_only_after_a_counter_moved(outbox: Outbox) -> None:
+    calls: list[int] = []
+    real_sync = outbox.sync
+
+    def counting_sync() -> None:
+        calls.append(1)
+        real_sync()
+
+    outbox.sync = counting_sync  # type: ignore[method-assign]
+    fill(outbox, 30)
+    outbox.build_payloads("telemetry", 10)
+    outbox.build_payloads("telemetry", 10, after=10)
+    outbox.ack("telemetry", 10)  # deletes only: no counter moved
+    outbox.build_batches("telemetry", 10, after=20)
+    assert len(calls) == 1
+    fill(outbox, 1)
+    outbox.build_payloads("telemetry", 10, after=30)
+    assert len(calls) == 2
+    outbox.ack("telemetry", 500)  # above every seq handed out: the counter jumps
+    fill(outbox, 1)
+    outbox.build_payloads("telemetry", 10, after=500)
+    assert len(calls) == 3
 
 
 # ---------------------------------------------------------------------------------------------

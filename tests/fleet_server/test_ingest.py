@@ -62,6 +62,25 @@ def test_records_are_stored_once_and_acked_contiguously(fleet: Fleet) -> None:
     assert stored(fleet, "dev-a") == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_batch_continuing_the_ack_still_walks_on_past_records_stored_early(
+        fleet: Fleet) -> None:
+    topic = device_topic("dev-a", "telemetry")
+    handle_message(fleet, topic, batch("dev-a", [1, 2]), now=NOW)
+    assert ack_upto(handle_message(fleet, topic, batch("dev-a", [5, 6, 8]), now=NOW)) == 2
+    # 3, 4 continue the ack without a gap: the ack runs on through 5, 6 and stops before 7
+    r = handle_message(fleet, topic, batch("dev-a", [3, 4]), now=NOW)
+    assert (r.stored, r.duplicates, ack_upto(r)) == (2, 0, 6)
+    # the same contiguous batch again: nothing stored, the ack does not move
+    r = handle_message(fleet, topic, batch("dev-a", [3, 4]), now=NOW)
+    assert (r.stored, r.duplicates, ack_upto(r)) == (0, 2, 6)
+    r = handle_message(fleet, topic, batch("dev-a", [7]), now=NOW)
+    assert (r.stored, ack_upto(r)) == (1, 8)
+    with atomic(fleet.engine) as conn:
+        bodies = dict(conn.execute(select(tables.device_records.c.seq,
+                                          tables.device_records.c.body)).all())
+    assert bodies[7] == '{"n":7}'
+
+
 def test_floor_skips_gaps_the_device_evicted_but_never_past_what_it_sent(fleet: Fleet) -> None:
     topic = device_topic("dev-a", "telemetry")
     handle_message(fleet, topic, batch("dev-a", [1, 2]), now=NOW)

@@ -93,6 +93,7 @@ class MqttRuntime:
         self._ingest_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edgefleet-ingest")
         self.ingested = 0
+        self._seen_connects: int | None = None  # link.connect_count at the last pass
         # acks: one sender thread; per (device, stream) only the newest waiting ack is sent
         self._ack_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edgefleet-ack")
@@ -245,6 +246,26 @@ class MqttRuntime:
         if future is not None:
             future.result(timeout)
 
+    def _republish_after_reconnect(self) -> bool:
+        """After the link reconnected, mark every desired state unpublished so the pass below
+        sends it again, retained, with the same envelope: a broker restarted without
+        persistence has lost every retained message, and a device that missed its state while
+        offline would otherwise wait for the next change."""
+        count = getattr(self.link, "connect_count", None)
+        if count is None or count == self._seen_connects:
+            return False
+        first = self._seen_connects is None
+        self._seen_connects = count
+        if first:
+            return False  # start() already published what was pending
+        from sqlalchemy import update
+
+        from fleet_server.db import tables
+
+        with atomic(self.fleet.engine) as conn:
+            conn.execute(update(tables.desired_states).values(published=False))
+        return True
+
     def maintain_once(self) -> dict[str, Any]:
         """One maintenance pass (also callable from tests with an injected clock).
 
@@ -252,6 +273,7 @@ class MqttRuntime:
         state: near expiry, or moved by a rollout), ``published`` and ``rollouts`` (the
         rollouts whose step did something).
         """
+        self._republish_after_reconnect()
         fleet = self.fleet
         refreshed = fleet.repo.refresh_timestamp(fleet.now_dt())
         with atomic(fleet.engine) as conn:

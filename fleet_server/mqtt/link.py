@@ -219,6 +219,8 @@ class ServerLink:
             assert on_message is not None and loop is not None  # checked above
             self._deliver = functools.partial(_deliver_on_loop, loop, on_message)
         self._client: paho.Client | None = None
+        #: successful CONNACKs so far: a change means the broker may have lost retained state
+        self.connect_count = 0
         self._connected = threading.Event()
         self._first_connack = threading.Event()
         self._refusal: str | None = None
@@ -422,6 +424,7 @@ class ServerLink:
         else:
             self._refusal = None
             _set_nodelay(client)
+            self.connect_count += 1
             self._connected.set()
             logger.info("MQTT link up to %s:%d", self.config.host, self.config.port)
             with self._lock:

@@ -12,7 +12,6 @@ forbidden would already have arrived before it.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -24,13 +23,14 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from mqtt_helpers import DictStore, LoopThread
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -62,7 +62,6 @@ from fleet_server.mqtt.passwords import (
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 WAIT = 5.0  # seconds: the bound on every wait below (they normally end in milliseconds)
 SERVER = "fleet-server"
 PASSWORDS = {SERVER: generate_password(), "d1": generate_password(), "d2": generate_password()}
@@ -74,33 +73,6 @@ NO_MOSQUITTO = "mosquitto binary not found (apt-get install mosquitto)"
 # ---------------------------------------------------------------------------------------------
 # brokers under test
 # ---------------------------------------------------------------------------------------------
-class DictStore:
-    """A CredentialStore over a dict (username -> $7$ hash)."""
-
-    def __init__(self, hashes: dict[str, str]) -> None:
-        self.hashes = dict(hashes)
-
-    def lookup(self, username: str) -> str | None:
-        return self.hashes.get(username)
-
-
-class LoopThread:
-    """An asyncio event loop on a background thread, for the embedded broker."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT * 2)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(WAIT)
-        self.loop.close()
-
-
 @dataclass
 class BrokerUnderTest:
     kind: str

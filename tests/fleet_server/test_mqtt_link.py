@@ -14,9 +14,8 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 import pytest
@@ -24,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from mqtt_helpers import DictStore, LoopThread
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol.messages import MAX_MESSAGE_BYTES
@@ -42,37 +42,11 @@ from fleet_server.mqtt.passwords import hash_password
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 WAIT = 5.0  # seconds: the bound on every wait (they normally end in milliseconds)
 SERVER = "fleet-server"
 SERVER_PW = "server-secret-7Qx"
 DEVICE_PW = "device-secret-9Kz"
 HASHES = {SERVER: hash_password(SERVER_PW), "d1": hash_password(DEVICE_PW)}
-
-
-class DictStore:
-    def __init__(self, hashes: dict[str, str]) -> None:
-        self.hashes = dict(hashes)
-
-    def lookup(self, username: str) -> str | None:
-        return self.hashes.get(username)
-
-
-class LoopThread:
-    """An asyncio loop on a background thread, where the embedded broker runs."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT * 2)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(WAIT)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -96,6 +96,10 @@ class ModelStore:
     def __init__(self, data_dir: str | Path, *, on_activate: OnActivate | None = None) -> None:
         self.root = Path(data_dir) / MODELS_DIR
         self.on_activate = on_activate
+        # parsed manifests by path, with the stat identity they were parsed from: an update
+        # asks for the same manifest ~9 times (verify, health check, activation, serving),
+        # and parsing one costs ~3 ms on the build host, far more on a Pi
+        self._manifests: dict[Path, tuple[tuple[int, int, int, int], Manifest]] = {}
 
     # -- paths and queries ------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
@@ -159,9 +163,17 @@ class ModelStore:
         """
         path = self.version_dir(name, version) / MANIFEST_FILE
         try:
-            return Manifest.from_bytes(path.read_bytes())
+            st = path.stat()
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._manifests.get(path)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            manifest = Manifest.from_bytes(path.read_bytes())
         except (OSError, ManifestError) as exc:
+            self._manifests.pop(path, None)
             raise InstallError(f"installed manifest {path} cannot be read: {exc}") from exc
+        self._manifests[path] = (key, manifest)
+        return manifest
 
     def model_path(self, name: str, version: str) -> Path:
         """The installed model file of ``name`` ``version``.

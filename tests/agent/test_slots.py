@@ -199,3 +199,20 @@ def test_names_that_are_not_plain_are_refused(store: ModelStore, name: str,
                                               version: str) -> None:
     with pytest.raises(ValueError, match="not a plain"):
         store.version_dir(name, version)
+
+
+def test_manifest_is_parsed_once_per_file_and_again_when_the_file_changes(
+        tmp_path: Path) -> None:
+    """The cache is keyed on the file's identity: a rewritten manifest is read afresh."""
+    from agent.protocol.manifest import MANIFEST_FILE, Manifest
+
+    bundle = make_bundle(tmp_path / "src", name="m", version="1")
+    store = ModelStore(tmp_path / "data")
+    store.stage("m", "1", bundle.model_file, bundle.manifest_bytes)
+    path = store.version_dir("m", "1") / MANIFEST_FILE
+    first = store.manifest("m", "1")
+    assert store.manifest("m", "1") is first  # parsed once
+    changed = Manifest.from_dict({**first.to_dict(), "lineage": {"note": "rewritten"}})
+    path.write_bytes(changed.to_bytes())
+    os.utime(path, ns=(1, 1))  # a different identity even where mtimes are coarse
+    assert store.manifest("m", "1").lineage == {"note": "rewritten"}

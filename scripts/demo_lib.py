@@ -1,9 +1,13 @@
-"""Plumbing for ``scripts/demo.py``: print-then-run commands, child processes, bounded waits.
+"""Plumbing for ``scripts/demo.py``: print-then-run commands, child processes, bounded waits,
+and the few pure readings of server answers the demo prints.
 
-Nothing here knows about fleets: it runs commands the way a person would type them (printing
-each one first, so the demo's output doubles as a tutorial), keeps the long-running children
-(server, agents) in one place so they are always stopped, and waits on observable state with a
-deadline. Stdlib only (numpy is imported lazily by :func:`corrupt_golden_outputs`).
+The plumbing knows nothing about fleets: it runs commands the way a person would type them
+(printing each one first, so the demo's output doubles as a tutorial), keeps the long-running
+children (server, agents) in one place so they are always stopped, and waits on observable state
+with a deadline. :func:`rollout_line` and :func:`drift_line` turn a rollout's status and a
+device's drift windows into one readable line each (pure, tested in ``tests/test_demo_lib.py``);
+:func:`show_server_drift` is the one place that reads drift from the server. Stdlib only (numpy
+is imported lazily by :func:`failing_copy`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -29,12 +35,18 @@ from typing import IO, Any, TypeVar
 __all__ = [
     "Children",
     "DemoError",
+    "DriftWindow",
     "Shell",
     "banner",
-    "corrupt_golden_outputs",
+    "drift_line",
+    "failing_copy",
     "free_port",
     "http_ok",
+    "http_status",
     "note",
+    "parse_drift_body",
+    "rollout_line",
+    "show_server_drift",
     "stop_stale",
     "tail",
     "wait_for",
@@ -82,6 +94,17 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
             return bool(resp.status == 200)
     except (OSError, urllib.error.URLError, ValueError):
         return False
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of ``GET url`` (redirects followed), or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, ValueError):
+        return None
 
 
 def wait_for(what: str, check: Callable[[], T | None], *, timeout: float,
@@ -324,26 +347,192 @@ def stop_stale(pids_file: Path, out_dir: Path, timeout: float = 10.0) -> list[st
     return [f"stopped pid {pid} left running by an earlier --keep run" for pid in stopped]
 
 
-def corrupt_golden_outputs(manifest_path: Path) -> list[str]:
-    """Replace every float32 golden output ``p`` by ``1 - p`` in a bundle's manifest.json.
+def failing_copy(src: Path, dst: Path, version: str) -> list[str]:
+    """Copy bundle directory ``src`` to ``dst`` as ``version``, with every float32 golden output
+    ``p`` replaced by ``1 - p``: a build whose on-device health check must fail.
 
-    The model file, its sha256 and length are untouched, so the bundle still passes every
-    server-side check; only the on-device health check (which re-runs the golden inputs and
-    compares) can notice. This is what ``tests/integration/test_end_to_end.py`` does.
+    The model file, its sha256 and length are untouched, so the copy still passes every
+    server-side check; only the device's health check (which re-runs the golden inputs and
+    compares) can notice. ``tests/integration/test_rollout_e2e.py`` builds its failing version
+    the same way. Nothing is written when ``src`` cannot be changed so; ``manifest.json`` is
+    replaced atomically.
 
     Returns:
         The names of the outputs changed.
+
+    Raises:
+        ValueError: ``src`` holds no float32 golden output to change.
     """
     import numpy as np
 
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest: dict[str, Any] = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+    manifest["model"]["version"] = version
     changed = []
     for name, tensor in manifest["golden"]["outputs"].items():
         if tensor["dtype"] == "float32":
             raw = np.frombuffer(base64.b64decode(tensor["b64"]), np.float32)
             tensor["b64"] = base64.b64encode((1.0 - raw).astype(np.float32).tobytes()).decode()
             changed.append(name)
+    if not changed:
+        raise ValueError(f"{src / 'manifest.json'}: expected a float32 golden output, got "
+                         f"{sorted(manifest['golden']['outputs'])}")
+    shutil.copytree(src, dst)
+    manifest_path = dst / "manifest.json"
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, manifest_path)
     return changed
+
+
+# ------------------------------------------------------------------------ rollout progress
+
+_HEALTH_GATES = {"error_rate": "error rate", "p95_ms": "p95 ms", "psi": "PSI"}
+
+
+def _num(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"
+
+
+def _gate_text(gate: Mapping[str, Any]) -> str | None:
+    """One gate of the latest evaluation, compactly; None for what the counts already say."""
+    name, ok, value, limit = gate.get("gate"), gate.get("ok"), gate.get("value"), gate.get("limit")
+    if name in ("failed", "committed"):
+        return None if ok is not False else f"FAILED: {gate.get('detail')}"
+    if name == "bake":
+        return f"baked {_num(limit)}s" if ok else f"baking {_num(value)}s of {_num(limit)}s"
+    label = _HEALTH_GATES.get(str(name), str(name))
+    if value is None:
+        return f"{label} waits for samples"
+    verdict = "ok" if ok is True else "FAILED" if ok is False else "judged after the bake"
+    return f"{label} {_num(value)} (limit {_num(limit)}) {verdict}"
+
+
+def rollout_line(rollout: Mapping[str, Any]) -> str:
+    """A rollout's progress in one line, from the body of ``GET /v1/rollouts/{id}`` (what
+    ``fleet_server rollout status ID --json`` prints): the current wave, the device counts
+    of every wave so far and the current wave's latest gate evaluation.
+
+    A finished rollout shows its reason or, completed, its last gate evaluation. Examples:
+    ``wave 1/2 (20%): 1 moved, 1 committed | baking 2s of 3s, p95 ms waits for samples``,
+    ``rolled_back: 1 moved, 1 failed | wave 0 gate failed: 1 of 1 devices failed``.
+    """
+    waves = rollout.get("waves") or []
+    totals = {k: sum(int(w.get(k) or 0) for w in waves)
+              for k in ("assigned", "committed", "failed", "pending", "reverted")}
+    counts = ", ".join([f"{totals['assigned']} moved"]
+                       + [f"{totals[k]} {k}" for k in ("committed", "failed", "pending",
+                                                       "reverted") if totals[k]])
+    status = rollout.get("status")
+    wave = int(rollout.get("wave") or 0)
+    gates = [text for g in rollout.get("gates") or () if g.get("wave") == wave
+             for text in [_gate_text(g)] if text]
+    if status == "running":
+        target = next((w.get("target") for w in waves if w.get("index") == wave), None)
+        head = f"wave {wave + 1}/{rollout.get('wave_count') or '?'}" + (
+            f" ({target})" if target else "")
+    else:
+        head = str(status)
+        reason = rollout.get("reason")
+        if reason or status != "completed":
+            gates = [str(reason or "no reason given")]
+    return f"{head}: {counts}" + (f" | {', '.join(gates)}" if gates else "")
+
+
+# --------------------------------------------------------------------------- drift on the server
+
+@dataclass(frozen=True)
+class DriftWindow:
+    """One drift window a device summarised and the server stored."""
+
+    device_id: str
+    version: str
+    end: float  # unix seconds (the device's clock) when the window closed
+    predictions: int
+    max_psi: float  # largest input-feature PSI of the window
+    alerts: int  # input features at or over ``threshold``
+    threshold: float  # the device's PSI alert threshold
+
+
+def parse_drift_body(device_id: str, body: str, model: str) -> DriftWindow | None:
+    """The window of one stored ``drift.summary`` record body (JSON, as the device sent it),
+    or None when it is about another model or malformed (device input is never trusted)."""
+    try:
+        doc = json.loads(body)
+        window = doc["window"]
+        if doc["model"] != model:
+            return None
+        return DriftWindow(device_id=device_id, version=str(doc["model_version"]),
+                           end=float(window["end"]), predictions=int(window["predictions"]),
+                           max_psi=float(doc["max_psi"]), alerts=int(doc.get("alerts") or 0),
+                           threshold=float(doc["threshold"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def drift_line(device_id: str, windows: Sequence[DriftWindow], *, since: float | None = None
+               ) -> str:
+    """One device's drift windows, oldest first, as the server has them: the max PSI of each
+    (``*`` after a value: the window closed at or after ``since``) and a verdict on the latest
+    against the device's alert threshold."""
+    if not windows:
+        return f"{device_id}: no drift window yet"
+    values = ", ".join(f"{w.max_psi:.3g}" + ("*" if since is not None and w.end >= since
+                                             else "") for w in windows)
+    last = windows[-1]
+    verdict = (f"ALERT: {last.max_psi:.3g} > {last.threshold:g} on {last.alerts} input "
+               "feature(s)" if last.max_psi > last.threshold
+               else f"ok: {last.max_psi:.3g} <= {last.threshold:g}")
+    return (f"{device_id}: {len(windows)} window(s) of {last.version}, max PSI each: {values}"
+            f" -> {verdict}")
+
+
+def show_server_drift(server_dir: Path, model: str, version: str, devices: Sequence[str], *,
+                      since: float | None = None,
+                      until: Callable[[Mapping[str, list[DriftWindow]]], bool] | None = None,
+                      timeout: float = 30.0) -> dict[str, list[DriftWindow]]:
+    """Print, per device, the drift windows of ``model`` ``version`` the server has stored
+    (oldest first, see :func:`drift_line`), after waiting up to ``timeout`` for ``until``.
+
+    The server has no command for this yet (``fleet_server monitor drift MODEL --device ID
+    --version V`` is coming with issue 7): until it does, this reads the drift summaries the
+    server stored, straight from its database (``device_records``, read-only). They are the
+    devices' own summaries, ingested over MQTT; no raw input ever left a device.
+
+    Returns:
+        device id -> its windows of ``version``, oldest first.
+
+    Raises:
+        DemoError: ``until`` did not hold within ``timeout``.
+    """
+    db = server_dir / "fleet.db"
+    note(f">>> sqlite3 (read-only) {os.path.relpath(db)}: SELECT device_id, body FROM "
+         "device_records WHERE kind = 'drift.summary' ORDER BY device_id, seq")
+    note("    (the drift summaries the devices sent; `fleet_server monitor drift` will show "
+         "them: issue 7)")
+
+    def read() -> dict[str, list[DriftWindow]]:
+        out: dict[str, list[DriftWindow]] = {d: [] for d in devices}
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                timeout=10)) as conn:
+            rows = conn.execute("SELECT device_id, body FROM device_records WHERE kind = "
+                                "'drift.summary' ORDER BY device_id, seq").fetchall()
+        for device_id, body in rows:
+            window = parse_drift_body(device_id, body, model)
+            if device_id in out and window is not None and window.version == version:
+                out[device_id].append(window)
+        return out
+
+    def ready() -> dict[str, list[DriftWindow]] | None:
+        found = read()
+        return found if until is None or until(found) else None
+
+    try:
+        found = wait_for(f"the server to hold the drift windows of {', '.join(devices)}",
+                         ready, timeout=timeout, interval=0.5)
+    except DemoError:
+        for device_id, windows in read().items():
+            note(f"  -> {drift_line(device_id, windows, since=since)}")
+        raise
+    for device_id, windows in found.items():
+        note(f"  -> {drift_line(device_id, windows, since=since)}")
+    return found

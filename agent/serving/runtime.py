@@ -1,15 +1,28 @@
 """The ``Runtime`` seam: load a model file, run it. One interface for every engine.
 
 Serving, health checks, drift and metrics only ever see :class:`LoadedModel`. The onnxruntime
-adapter is here; a TFLite adapter (ai-edge-litert) plugs in behind the same protocol.
+adapter is here; the TFLite adapter (ai-edge-litert) is :mod:`agent.serving.tflite`, behind the
+same protocol. :func:`runtime_for` maps a manifest's ``runtime`` to its adapter. Engines are
+imported when a model is loaded (or a version asked for), never when this module is imported,
+so an agent only ever imports the engine its models use.
+
+Versions: a manifest's ``min_runtime_version`` counts on the version line of its runtime
+(onnxruntime's releases; TensorFlow Lite's for ``tflite``, see :mod:`agent.serving.tflite`).
+:meth:`Runtime.version` is the installed engine's version on that line, or ``None`` when the
+engine numbers its releases otherwise and checks a model's needs itself when loading it
+(ai-edge-litert). :meth:`Runtime.check_version` refuses an engine older than a manifest asks
+for, compared on the numeric release (``2.3`` == ``2.3.0`` < ``2.10``). :func:`installed_runtimes`
+says what this device can run, for the artifact verifier.
+
 onnxruntime exceptions are translated into :class:`RuntimeLoadError` / :class:`InputRejected`
 in this module and never leave it.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Mapping, Sequence
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +32,18 @@ import numpy as np
 from agent.errors import InputRejected, RuntimeLoadError
 from agent.protocol.manifest import TensorSpec
 
-__all__ = ["LoadedModel", "OnnxRuntime", "Runtime", "check_feeds", "runtime_for"]
+__all__ = [
+    "LoadedModel",
+    "OnnxRuntime",
+    "Runtime",
+    "check_feeds",
+    "installed_runtimes",
+    "require_version",
+    "runtime_for",
+    "version_release",
+]
+
+log = logging.getLogger(__name__)
 
 
 class LoadedModel(Protocol):
@@ -34,7 +58,19 @@ class LoadedModel(Protocol):
 
 
 class Runtime(Protocol):
-    name: str
+    name: str  # the manifest's ``runtime`` value this adapter serves
+
+    def version(self) -> str | None:
+        """The engine's version on the line ``min_runtime_version`` counts on, or ``None``
+        (not on that line). Raises: RuntimeLoadError (no engine here)."""
+        ...
+
+    def check_version(self, minimum: str) -> None:
+        """Refuse an engine older than a manifest's ``min_runtime_version``.
+
+        Raises: RuntimeLoadError (older, no engine, or ``minimum`` is not a version).
+        """
+        ...
 
     def load(self, path: Path, *, threads: int, providers: Sequence[str] = ()) -> LoadedModel:
         """Raises: RuntimeLoadError."""
@@ -61,6 +97,37 @@ def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray]) ->
         if not spec.accepts_shape(arr.shape):
             raise InputRejected(f"input {spec.name!r}: expected shape {spec.shape_str()}, got "
                                 f"{list(arr.shape)}")
+
+
+_RELEASE = re.compile(r"\s*v?(\d+(?:\.\d+)*)")
+
+
+def version_release(text: str, what: str) -> tuple[int, ...]:
+    """The numeric release of a version, trailing zeros dropped: ``v2.3.0rc1`` -> ``(2, 3)``.
+
+    Raises:
+        RuntimeLoadError: ``text`` does not start with a number; ``what`` names it.
+    """
+    match = _RELEASE.match(text)
+    if match is None:
+        raise RuntimeLoadError(f"{what} {text!r} is not a version (expected digits and dots, "
+                               "e.g. 2.3.0)")
+    parts = [int(p) for p in match.group(1).split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def require_version(package: str, installed: str, minimum: str) -> None:
+    """Refuse ``installed`` older than ``minimum`` (numeric release only: ``2.3.0rc1`` is 2.3).
+
+    Raises:
+        RuntimeLoadError: older, naming both; or either is not a version.
+    """
+    if version_release(installed, f"installed {package} version") < version_release(
+            minimum, "min_runtime_version"):
+        raise RuntimeLoadError(f"the model needs {package} >= {minimum}, this device has "
+                               f"{package} {installed}")
 
 
 _ORT_TYPES = {
@@ -101,7 +168,26 @@ class OnnxRuntime:
     """onnxruntime adapter. Sessions are thread-safe for ``run``; one per model version."""
 
     name = "onnxruntime"
-    _lock = threading.Lock()
+
+    def version(self) -> str:
+        """onnxruntime's version.
+
+        Raises:
+            RuntimeLoadError: onnxruntime is not installed.
+        """
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - the agent extra installs it
+            raise RuntimeLoadError("onnxruntime is not installed") from exc
+        return str(ort.__version__)
+
+    def check_version(self, minimum: str) -> None:
+        """See :meth:`Runtime.check_version`.
+
+        Raises:
+            RuntimeLoadError: onnxruntime is older than ``minimum``, or not installed.
+        """
+        require_version("onnxruntime", self.version(), minimum)
 
     def load(self, path: Path, *, threads: int, providers: Sequence[str] = ()) -> LoadedModel:
         """Load ``path`` with the profile's threads, on the providers this host has.
@@ -137,5 +223,27 @@ def runtime_for(name: str) -> Runtime:
     """
     if name == "onnxruntime":
         return OnnxRuntime()
+    if name == "tflite":
+        from agent.serving.tflite import TFLiteRuntime  # it imports this module
+
+        return TFLiteRuntime()
     raise RuntimeLoadError(f"runtime {name!r} is not available on this device (supported: "
-                           "onnxruntime)")
+                           "onnxruntime, tflite)")
+
+
+def installed_runtimes(names: Iterable[str]) -> dict[str, str | None]:
+    """Of the runtimes ``names``, those whose engine is installed here, with
+    :meth:`Runtime.version` (``None``: installed, but not on the manifests' version line).
+
+    For an :class:`~agent.updater.verify.ArtifactVerifier`: ``runtimes`` are the keys,
+    ``runtime_versions`` the items whose version is not ``None``. Asking imports the engine,
+    so ask only for the runtimes this device's profile uses. A runtime that is not installed
+    is logged (a warning) and left out.
+    """
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = runtime_for(name).version()
+        except RuntimeLoadError as exc:
+            log.warning("runtime %s is not available on this device: %s", name, exc)
+    return out

@@ -14,9 +14,12 @@ Then latency: ``latency_runs`` single-sample runs after ``warmup`` untimed ones;
 within the profile's ``latency_budget_ms``. The clock is injected, so tests can make a model
 "slow" without sleeping.
 
-:class:`RuntimeHealthChecker` is the runner's ``HealthChecker`` seam: it loads the staged file
-through the ``Runtime`` seam with the profile's threads and providers, checks, and closes it.
-Every failure is a :class:`HealthCheckFailed` naming the output, expected against actual.
+:class:`RuntimeHealthChecker` is the runner's ``HealthChecker`` seam, for ONNX and TFLite bundles
+alike. It refuses a manifest whose ``min_runtime_version`` is newer than this device's engine,
+before reading the file (``Runtime.check_version``; ai-edge-litert checks the model's op versions
+itself when loading it), loads the staged file through the ``Runtime`` seam with the profile's
+threads and providers, checks, and closes it. Every failure is a :class:`HealthCheckFailed`
+naming the output, expected against actual.
 """
 
 from __future__ import annotations
@@ -184,8 +187,8 @@ def health_check(model: LoadedModel, manifest: Manifest, profile: DeviceProfile,
     p95 = _percentile(times, 95)
     if p95 > profile.latency_budget_ms:
         raise HealthCheckFailed(f"{what}: p95 latency {p95:.1f} ms over {latency_runs} runs is "
-                                f"over profile {profile.name!r}'s budget of "
-                                f"{profile.latency_budget_ms:g} ms")
+                                f"over the {profile.latency_budget_ms:g} ms budget of profile "
+                                f"{profile.name!r}")
     return HealthReport(samples=n, outputs=tuple(golden), max_abs_error=max_err,
                         agreement=agreement, p50_ms=_percentile(times, 50), p95_ms=p95,
                         budget_ms=profile.latency_budget_ms, runs=latency_runs)
@@ -207,10 +210,14 @@ class RuntimeHealthChecker:
         """Health-check the model file at ``model_path`` described by ``manifest``.
 
         Raises:
-            HealthCheckFailed: it cannot be loaded here, or :func:`health_check` fails.
+            HealthCheckFailed: it cannot be loaded here (no such runtime, the engine is older
+                than the manifest's ``min_runtime_version``, a bad file), its inputs are not
+                the manifest's, or :func:`health_check` fails.
         """
         try:
             runtime = self._runtimes(manifest.runtime)
+            if manifest.min_runtime_version is not None:
+                runtime.check_version(manifest.min_runtime_version)
             model = runtime.load(model_path, threads=self.profile.threads,
                                  providers=self.profile.execution_providers)
         except AgentError as exc:  # RuntimeLoadError from the seam

@@ -1087,6 +1087,242 @@ def rollout_cancel(rollout_id: int, reason: str | None) -> None:
     _rollout_command("cancel", rollout_id, reason)
 
 
+# --------------------------------------------------------------------------------- monitor
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``90``, ``90s``, ``15m``, ``6h``, ``2d`` -> seconds."""
+    if value is None:
+        return None
+    number, unit = value[:-1] if value[-1:].isalpha() else value, value[-1:].lower() \
+        if value[-1:].isalpha() else ""
+    if not number.isdigit() or unit not in _DURATION_UNITS or int(number) == 0:
+        raise click.BadParameter(f"{value!r}: expected a duration such as 90s, 15m, 6h or 2d",
+                                 ctx, param)
+    return int(number) * _DURATION_UNITS[unit]
+
+
+def span_options(fn: F) -> F:
+    """Shared options of the monitoring commands: how far back, and the bucket size."""
+    options = [
+        click.option("--since", "since_s", callback=_duration, metavar="DURATION",
+                     help="How far back to look: 30m, 6h, 2d... [default: 1h]."),
+        click.option("--bucket", "bucket_s", callback=_duration, metavar="DURATION",
+                     help="Time bucket of the series, e.g. 5m [default: the server picks one "
+                          "giving at most 60]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _since(since_s: int | None) -> int | None:
+    """The API's ``since``: ``since_s`` before now on this machine's clock (the server's
+    clock ends the range)."""
+    import time
+
+    return None if since_s is None else int(time.time()) - since_s
+
+
+@_subgroup(cli, "monitor")
+def monitor() -> None:
+    """Watch models on the devices: requests, errors, latency percentiles, input drift.
+
+    Computed by the server from the devices' own summaries (never raw data), on the
+    server's clock: a record counts when the server received it.
+
+    \b
+    Example:
+      fleet_server monitor fleet
+      fleet_server monitor model digits --since 6h
+      fleet_server monitor drift digits --device pi-2
+    """
+
+
+@_command(monitor, "fleet")
+@span_options
+@api_options
+def monitor_fleet(since_s: int | None, bucket_s: int | None) -> None:
+    """Devices by state, open alerts, and per model version where it runs, its requests,
+    errors, p95 latency and largest input PSI.
+
+    \b
+    Example:
+      fleet_server monitor fleet --since 24h
+    """
+    with _errors(), _api() as api:
+        view = api.monitor_fleet(since=_since(since_s), bucket=bucket_s)
+    _emit(view, lambda: cli_text.fleet_monitor_lines(view))
+
+
+@_command(monitor, "model")
+@click.argument("model_name", metavar="NAME")
+@span_options
+@api_options
+def monitor_model(model_name: str, since_s: int | None, bucket_s: int | None) -> None:
+    """One model: per version and per device, requests, errors, latency percentiles against
+    the profile's budget, and the largest input PSI. Devices that run it but sent nothing
+    show 0 requests.
+
+    \b
+    Example:
+      fleet_server monitor model digits --since 6h --json
+    """
+    with _errors(), _api() as api:
+        view = api.monitor_model(model_name, since=_since(since_s), bucket=bucket_s)
+    _emit(view, lambda: cli_text.model_monitor_lines(view))
+
+
+@_command(monitor, "drift")
+@click.argument("model_name", metavar="NAME")
+@click.option("--model-version", "model_version", metavar="VERSION",
+              help="One version of the model [default: every version].")
+@click.option("--device", "device_id", metavar="ID", help="One device; also lists its "
+                                                           "buckets.")
+@span_options
+@api_options
+def monitor_drift(model_name: str, model_version: str | None, device_id: str | None,
+                  since_s: int | None, bucket_s: int | None) -> None:
+    """Input drift over time from the devices' drift summaries: per device its latest
+    largest feature PSI, the trend over the range, the PSI per bucket as a sparkline, and the
+    features that moved most in its latest window. --json adds, per bucket, the PSI and JS of
+    every feature (largest and mean over devices).
+
+    \b
+    Example:
+      fleet_server monitor drift digits
+      fleet_server monitor drift digits --device pi-2 --since 30m --bucket 1m
+    """
+    with _errors(), _api() as api:
+        view = api.monitor_drift(model_name, version=model_version, device=device_id,
+                                 since=_since(since_s), bucket=bucket_s)
+    _emit(view, lambda: cli_text.drift_lines(view))
+
+
+# --------------------------------------------------------------------------------- alerts
+
+@_subgroup(cli, "alert")
+def alert() -> None:
+    """Alert rules on a model's devices, and the alerts they raise.
+
+    The server evaluates every rule in its maintenance pass: an alert is pending while the
+    condition holds for less than --for, then firing, and resolved once it no longer holds.
+    Each change is in the audit log, and a rule's --webhook gets a JSON POST when its alert
+    fires and when it resolves.
+
+    \b
+    Example:
+      fleet_server alert rule add digits --kind drift_psi --threshold 0.25 --for 10m
+      fleet_server alert list --state firing
+    """
+
+
+@_subgroup(alert, "rule")
+def alert_rule() -> None:
+    """Add, list and remove alert rules.
+
+    \b
+    Example:
+      fleet_server alert rule list
+    """
+
+
+@_command(alert_rule, "add")
+@click.argument("model_name", metavar="MODEL")
+@click.option("--kind", required=True,
+              type=click.Choice(["drift_psi", "error_rate", "p95_latency"]),
+              help="drift_psi: a device's largest input-feature PSI is over --threshold; "
+                   "error_rate: its errors/requests are; p95_latency: its p95 latency in ms "
+                   "is (without --threshold: over its profile's latency budget).")
+@click.option("--threshold", type=float, help="The limit (see --kind).")
+@click.option("--model-version", "model_version", metavar="VERSION",
+              help="One version of the model [default: every version].")
+@click.option("--min-devices", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Devices that must be over the threshold at once.")
+@click.option("--for", "for_s", callback=_duration, metavar="DURATION",
+              help="How long it must hold before the alert fires [default: 0, at once].")
+@click.option("--window", "window_s", callback=_duration, metavar="DURATION",
+              help="How much of each device's history is judged [default: 5m].")
+@click.option("--min-samples", type=click.IntRange(min=1), metavar="N",
+              help="Requests (drift: predictions) a device needs in the window to be judged "
+                   "[default: 100].")
+@click.option("--webhook", "webhook_url", metavar="URL",
+              help="POST a JSON payload here when the alert fires and when it resolves.")
+@api_options
+def alert_rule_add(model_name: str, kind: str, threshold: float | None,
+                   model_version: str | None, min_devices: int, for_s: int | None,
+                   window_s: int | None, min_samples: int | None,
+                   webhook_url: str | None) -> None:
+    """Add an alert rule on a model's devices (needs a publisher token).
+
+    \b
+    Example:
+      fleet_server alert rule add digits --kind drift_psi --threshold 0.25 \\
+          --min-devices 2 --for 10m --webhook https://hooks.example.com/edgefleet
+      fleet_server alert rule add digits --kind error_rate --threshold 0.02
+      fleet_server alert rule add digits --kind p95_latency --model-version 1.1.0
+    """
+    body: dict[str, Any] = {"model": model_name, "kind": kind, "threshold": threshold,
+                            "min_devices": min_devices}
+    optional = {"version": model_version, "for_s": for_s, "window_s": window_s,
+                "min_samples": min_samples, "webhook_url": webhook_url}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    with _errors(), _api() as api:
+        rule = api.create_alert_rule(body)
+    _emit(rule, lambda: [f"Added alert rule {rule.get('id')}:",
+                         *cli_text.alert_rules_table([rule])])
+
+
+@_command(alert_rule, "list")
+@api_options
+def alert_rule_list() -> None:
+    """List the alert rules.
+
+    \b
+    Example:
+      fleet_server alert rule list --json
+    """
+    with _errors(), _api() as api:
+        rules = api.list_alert_rules()
+    _emit(rules, lambda: cli_text.alert_rules_table(rules))
+
+
+@_command(alert_rule, "rm")
+@click.argument("rule_id", metavar="ID", type=click.IntRange(min=1))
+@api_options
+def alert_rule_rm(rule_id: int) -> None:
+    """Remove an alert rule; its open alert resolves (needs a publisher token).
+
+    \b
+    Example:
+      fleet_server alert rule rm 3
+    """
+    with _errors(), _api() as api:
+        rule = api.delete_alert_rule(rule_id)
+    _emit(rule, lambda: [(f"Removed alert rule {rule.get('id')} ({rule.get('kind')} on "
+                          f"{rule.get('model')}).")])
+
+
+@_command(alert, "list")
+@click.option("--state", type=click.Choice(["pending", "firing", "resolved"]),
+              help="Only alerts in this state.")
+@click.option("--model", "model_name", help="Only alerts about this model.")
+@api_options
+def alert_list(state: str | None, model_name: str | None) -> None:
+    """List alerts, newest first: state, when it started, fired and resolved, and what
+    held (the devices over the threshold and their values).
+
+    \b
+    Example:
+      fleet_server alert list --state firing
+    """
+    with _errors(), _api() as api:
+        alerts = api.list_alerts(state=state, model=model_name)
+    _emit(alerts, lambda: cli_text.alerts_table(alerts))
+
+
 # --------------------------------------------------------------------------------- audit
 
 @_command(cli, "audit")

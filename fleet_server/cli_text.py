@@ -1,7 +1,7 @@
 """Plain-text rendering for ``fleet_server`` commands (pure: API bodies in, lines out).
 
 Kept apart from :mod:`fleet_server.cli` (option parsing and API calls) so the command module
-stays a thin shell; the rollout views are the largest renderings.
+stays a thin shell; the rollout and monitoring views are the largest renderings.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["deployment_progress_lines", "rollout_lines", "rollouts_table", "selector_text",
-           "table", "when"]
+__all__ = ["alert_rules_table", "alerts_table", "deployment_progress_lines", "drift_lines",
+           "duration", "fleet_monitor_lines", "model_monitor_lines", "rollout_lines",
+           "rollouts_table", "selector_text", "sparkline", "table", "when"]
 
 
 def when(ts: object) -> str:
@@ -160,3 +161,164 @@ def deployment_progress_lines(status: Sequence[Mapping[str, Any]]) -> list[str]:
             ["DEVICE", *(["WAVE"] if rollout else []), "ONLINE", "DESIRED SEQ", "APPLIED SEQ",
              "RUNNING", "STATE"], rows)]
     return out
+
+
+# --------------------------------------------------------------------------------- monitoring
+
+#: PSI levels the drift view names (``agent.drift.PSI_WARN`` and ``PSI_ALERT``)
+_PSI_WARN, _PSI_ALERT = 0.1, 0.25
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def duration(seconds: object) -> str:
+    """``90`` -> ``1m30s``, ``3600`` -> ``1h``; ``-`` for anything but a number."""
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    left = int(seconds)
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts)
+
+
+def sparkline(values: Sequence[float | None], top: float) -> str:
+    """One character per value, ``▁`` (0) to ``█`` (``top`` or more); ``·`` for None."""
+    out = []
+    for v in values:
+        if v is None:
+            out.append("·")
+        else:
+            level = min(len(_BARS) - 1, int(len(_BARS) * max(v, 0.0) / top)) if top > 0 else 0
+            out.append(_BARS[level])
+    return "".join(out)
+
+
+def _n(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) else "-"
+
+
+def _rate(value: object) -> str:
+    return f"{value:.2%}" if isinstance(value, (int, float)) else "-"
+
+
+def _psi(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"
+
+
+def _span(view: Mapping[str, Any]) -> str:
+    return (f"from {when(view.get('since'))} to {when(view.get('until'))} (buckets of "
+            f"{duration(view.get('bucket_s'))})")
+
+
+def _stats_line(s: Mapping[str, Any]) -> str:
+    return (f"{_n(s.get('requests'))} requests, {_n(s.get('errors'))} errors "
+            f"({_rate(s.get('error_rate'))}); latency p50 {_number(s.get('p50_ms'))} ms, p95 "
+            f"{_number(s.get('p95_ms'))} ms, p99 {_number(s.get('p99_ms'))} ms; largest input "
+            f"PSI {_psi(s.get('max_psi'))} over {_n(s.get('drift_windows'))} drift windows")
+
+
+def fleet_monitor_lines(view: Mapping[str, Any]) -> list[str]:
+    """``monitor fleet``: devices, alerts, totals, one row per model version."""
+    d, a = view.get("devices") or {}, view.get("alerts") or {}
+    out = [f"Fleet {_span(view)}:",
+           (f"Devices: {d.get('total')} ({d.get('online')} online, {d.get('offline')} "
+            f"offline, {d.get('revoked')} revoked); alerts: {a.get('firing')} firing, "
+            f"{a.get('pending')} pending"),
+           f"All models: {_stats_line(view.get('totals') or {})}", ""]
+    rows = [[m.get("model"), v.get("version"), v.get("running_devices"),
+             v.get("reporting_devices"), _n(v.get("requests")), _n(v.get("errors")),
+             _rate(v.get("error_rate")), _number(v.get("p95_ms")), _psi(v.get("max_psi"))]
+            for m in view.get("models") or () for v in m.get("versions") or ()]
+    if not rows:
+        return [*out, "No model runs on a device or reported anything in this range."]
+    return out + table(["MODEL", "VERSION", "RUNNING ON", "REPORTING", "REQUESTS", "ERRORS",
+                        "ERROR RATE", "P95 MS", "MAX PSI"], rows)
+
+
+def model_monitor_lines(view: Mapping[str, Any]) -> list[str]:
+    """``monitor model NAME``: totals, one row per version, one per device and version."""
+    out = [f"{view.get('model')} {_span(view)}:",
+           f"All versions: {_stats_line(view.get('totals') or {})}", ""]
+    out += table(["VERSION", "RUNNING ON", "REPORTING", "REQUESTS", "ERRORS", "ERROR RATE",
+                  "P50 MS", "P95 MS", "P99 MS", "MAX PSI"],
+                 [[v.get("version"), v.get("running_devices"), v.get("reporting_devices"),
+                   _n(v.get("requests")), _n(v.get("errors")), _rate(v.get("error_rate")),
+                   _number(v.get("p50_ms")), _number(v.get("p95_ms")),
+                   _number(v.get("p99_ms")), _psi(v.get("max_psi"))]
+                  for v in view.get("versions") or ()])
+    out += ["", *table(["DEVICE", "VERSION", "ONLINE", "REQUESTS", "ERRORS", "ERROR RATE",
+                        "P95 MS", "BUDGET MS", "MAX PSI", "LAST RECORD"],
+                       [[d.get("device") + ("" if d.get("running") else " (not running it)"),
+                         d.get("version"), "yes" if d.get("online") else "no",
+                         _n(d.get("requests")), _n(d.get("errors")),
+                         _rate(d.get("error_rate")), _number(d.get("p95_ms")),
+                         _number(d.get("latency_budget_ms")), _psi(d.get("max_psi")),
+                         when(d.get("last_at"))] for d in view.get("devices") or ()])]
+    return out
+
+
+def _trend(d: Mapping[str, Any]) -> str:
+    first, latest = d.get("first_max_psi"), d.get("latest_max_psi")
+    if isinstance(first, (int, float)) and isinstance(latest, (int, float)):
+        return f"{d.get('trend')} ({latest - first:+.3g})"
+    return str(d.get("trend") or "-")
+
+
+def drift_lines(view: Mapping[str, Any]) -> list[str]:
+    """``monitor drift NAME``: per device its latest largest PSI, trend and PSI over time
+    (a sparkline per bucket); with one device, also its buckets."""
+    what = f"{view.get('model')} " + (f"{view['version']}" if view.get("version")
+                                     else "(every version)")
+    if view.get("device"):
+        what += f" on {view['device']}"
+    out = [f"Input drift of {what} {_span(view)}.",
+           (f"PSI under {_PSI_WARN:g} is stable, {_PSI_WARN:g}-{_PSI_ALERT:g} a moderate "
+            f"shift, over {_PSI_ALERT:g} a significant one."), ""]
+    devices = view.get("devices") or []
+    if not devices:
+        return [*out, "No drift summary arrived in this range."]
+    top = max([_PSI_ALERT, *(d.get("peak_max_psi") or 0.0 for d in devices)])
+    out += table(["DEVICE", "VERSIONS", "WINDOWS", "LATEST MAX PSI", "TREND", "PSI OVER TIME",
+                  "TOP FEATURES (LATEST WINDOW)"],
+                 [[d.get("device"), ",".join(d.get("versions") or ()), d.get("windows"),
+                   _psi(d.get("latest_max_psi")), _trend(d),
+                   sparkline(d.get("series") or [], top),
+                   ", ".join(f"{f.get('input')}[{f.get('feature')}] {_psi(f.get('psi'))}"
+                             for f in d.get("top_features") or ())]
+                  for d in devices])
+    out.append(f"(PSI over time: one mark per bucket, █ = {top:.3g} or more, · = no window)")
+    if view.get("device"):
+        out += ["", *table(["BUCKET", "MAX PSI", "WINDOWS", "PREDICTIONS"],
+                           [[when(b.get("start")), _psi(b.get("max_psi")), b.get("windows"),
+                             _n(b.get("predictions"))]
+                            for b in view.get("buckets") or () if b.get("windows")])]
+    return out
+
+
+# --------------------------------------------------------------------------------- alerts
+
+def alert_rules_table(rules: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``alert rule list``."""
+    if not rules:
+        return ["No alert rules."]
+    return table(["ID", "MODEL", "VERSION", "KIND", "THRESHOLD", "MIN DEVICES", "FOR",
+                  "WINDOW", "MIN SAMPLES", "WEBHOOK"],
+                 [[r.get("id"), r.get("model"), r.get("version") or "all", r.get("kind"),
+                   _number(r.get("threshold")) if r.get("threshold") is not None
+                   else "profile budget", r.get("min_devices"), duration(r.get("for_s")),
+                   duration(r.get("window_s")), r.get("min_samples"), r.get("webhook_url")]
+                  for r in rules])
+
+
+def alerts_table(alerts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``alert list``."""
+    if not alerts:
+        return ["No alerts."]
+    return table(["ID", "RULE", "MODEL", "KIND", "STATE", "STARTED", "FIRED", "RESOLVED",
+                  "SUMMARY"],
+                 [[a.get("id"), a.get("rule_id"), a.get("model"), a.get("kind"),
+                   str(a.get("state")).upper() if a.get("state") == "firing" else a.get("state"),
+                   when(a.get("started_at")), when(a.get("fired_at")),
+                   when(a.get("resolved_at")), a.get("summary")] for a in alerts])

@@ -313,6 +313,79 @@ class FleetClient:
             json_body={"reason": reason} if reason else None)
         return out
 
+    # ----------------------------------------------------------------- monitoring
+    # since, until: unix seconds on the server's clock; bucket: seconds; None: the server's
+    # default (the last hour, at most 60 buckets)
+
+    def monitor_fleet(self, *, since: int | None = None, until: int | None = None,
+                      bucket: int | None = None) -> dict[str, Any]:
+        """``GET /v1/monitoring/fleet``: devices, alerts, every model version's numbers."""
+        out: dict[str, Any] = self.request("GET", "/v1/monitoring/fleet", params=_given(
+            {"since": since, "until": until, "bucket": bucket}))
+        return out
+
+    def monitor_model(self, model: str, *, since: int | None = None, until: int | None = None,
+                      bucket: int | None = None) -> dict[str, Any]:
+        """``GET /v1/monitoring/models/{model}``: per version and per device."""
+        out: dict[str, Any] = self.request(
+            "GET", f"/v1/monitoring/models/{_seg(model)}",
+            params=_given({"since": since, "until": until, "bucket": bucket}))
+        return out
+
+    def monitor_drift(self, model: str, *, version: str | None = None,
+                      device: str | None = None, input_name: str | None = None,
+                      feature: int | None = None, since: int | None = None,
+                      until: int | None = None, bucket: int | None = None) -> dict[str, Any]:
+        """``GET /v1/monitoring/models/{model}/drift``: PSI/JS over time, per device."""
+        out: dict[str, Any] = self.request(
+            "GET", f"/v1/monitoring/models/{_seg(model)}/drift", params=_given({
+                "version": version, "device": device, "input": input_name,
+                "feature": feature, "since": since, "until": until, "bucket": bucket}))
+        return out
+
+    def monitor_distribution(self, model: str, version: str, *,
+                             input_name: str | None = None, feature: int = 0,
+                             profile: str | None = None, since: int | None = None,
+                             until: int | None = None) -> dict[str, Any]:
+        """``GET /v1/monitoring/models/{model}/distribution``: reference against live."""
+        out: dict[str, Any] = self.request(
+            "GET", f"/v1/monitoring/models/{_seg(model)}/distribution", params=_given({
+                "version": version, "input": input_name, "feature": feature,
+                "profile": profile, "since": since, "until": until}))
+        return out
+
+    def monitor_device(self, device_id: str, *, since: int | None = None,
+                       until: int | None = None, bucket: int | None = None
+                       ) -> dict[str, Any]:
+        """``GET /v1/monitoring/devices/{id}``."""
+        out: dict[str, Any] = self.request(
+            "GET", f"/v1/monitoring/devices/{_seg(device_id)}",
+            params=_given({"since": since, "until": until, "bucket": bucket}))
+        return out
+
+    # ----------------------------------------------------------------- alerts
+
+    def list_alert_rules(self) -> list[dict[str, Any]]:
+        """``GET /v1/alert-rules`` (every page)."""
+        return self._paged("/v1/alert-rules")
+
+    def create_alert_rule(self, rule: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /v1/alert-rules``: ``model``, ``kind``, ``threshold`` and the optional
+        ``version``, ``min_devices``, ``for_s``, ``window_s``, ``min_samples``,
+        ``webhook_url``."""
+        out: dict[str, Any] = self.request("POST", "/v1/alert-rules", json_body=dict(rule))
+        return out
+
+    def delete_alert_rule(self, rule_id: int) -> dict[str, Any]:
+        """``DELETE /v1/alert-rules/{id}``: its open alert resolves."""
+        out: dict[str, Any] = self.request("DELETE", f"/v1/alert-rules/{int(rule_id)}")
+        return out
+
+    def list_alerts(self, *, state: str | None = None,
+                    model: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/alerts`` (every page), newest first."""
+        return self._paged("/v1/alerts", _given({"state": state, "model": model}))
+
     # ----------------------------------------------------------------- audit
 
     def audit(self) -> dict[str, Any]:
@@ -331,6 +404,11 @@ class FleetClient:
                 break
             items.extend(page["items"])
         return {**last, "items": items}
+
+
+def _given(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The query parameters that were given (None means: the server's default)."""
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _seg(value: str) -> str:

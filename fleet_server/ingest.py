@@ -5,6 +5,11 @@ returns what happened plus the ack to publish, if any. It never raises on device
 malformed, oversized, forged (body claims another device) or unknown-device messages are
 dropped, counted in ``ingest_rejects`` and logged without their payload.
 
+:class:`IngestCounters` counts the results for the server's Prometheus ``/metrics``: records
+stored and duplicates per stream, rejects per reason class, acks sent. The runtime that feeds
+this module owns one (nothing here is global but :data:`REJECT_COUNTS`, kept for callers of
+the module alone).
+
 Records are de-duplicated on (device, stream, seq), so a device re-sending after a reconnect
 never double-counts. The ack carries the highest *contiguous* sequence stored: the device
 deletes only what the server has. A batch's optional ``floor`` field (the lowest sequence the
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -37,7 +44,7 @@ from agent.protocol.topics import TopicError, ack_topic
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet
 
-__all__ = ["REJECT_COUNTS", "IngestResult", "handle_message"]
+__all__ = ["REJECT_COUNTS", "IngestCounters", "IngestResult", "handle_message"]
 
 log = logging.getLogger(__name__)
 #: process-wide reject counters by reason class (exported as metrics later)
@@ -55,7 +62,43 @@ class IngestResult:
     duplicates: int = 0
     ack_topic: str | None = None
     ack_payload: bytes | None = None
-    rejected: str | None = None
+    rejected: str | None = None  # why, in words
+    reject_class: str | None = None  # oversized | malformed | forged | unknown_device
+
+
+class IngestCounters:
+    """What ingest did since the server started, for ``/metrics`` (thread-safe: the ingest
+    thread counts results, the ack thread acks, a scrape reads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: Counter[str] = Counter()
+        self._stored: Counter[str] = Counter()
+        self._duplicates: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        self._acks = 0
+
+    def count(self, result: IngestResult) -> None:
+        """Count one :func:`handle_message` result."""
+        with self._lock:
+            self._messages[result.kind] += 1
+            if result.reject_class is not None:
+                self._rejected[result.reject_class] += 1
+            elif result.kind in ("telemetry", "drift"):
+                self._stored[result.kind] += result.stored
+                self._duplicates[result.kind] += result.duplicates
+
+    def ack_sent(self) -> None:
+        with self._lock:
+            self._acks += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """``messages`` per kind, ``stored`` and ``duplicates`` records per stream,
+        ``rejected`` per reason class, ``acks`` sent."""
+        with self._lock:
+            return {"messages": dict(self._messages), "stored": dict(self._stored),
+                    "duplicates": dict(self._duplicates), "rejected": dict(self._rejected),
+                    "acks": self._acks}
 
 
 def _reject(conn: Connection, topic: str, reason: str, size: int, now: int,
@@ -64,7 +107,7 @@ def _reject(conn: Connection, topic: str, reason: str, size: int, now: int,
     conn.execute(insert(tables.ingest_rejects).values(at=now, topic=topic[:300],
                                                       reason=reason[:500], size=size))
     log.warning("dropped device message on %r (%d bytes): %s", topic[:200], size, reason)
-    return IngestResult(None, "rejected", rejected=reason)
+    return IngestResult(None, "rejected", rejected=reason, reject_class=kind)
 
 
 def _live_device(conn: Connection, device_id: str) -> bool:

@@ -12,8 +12,11 @@
   is sent, since it covers the others.
 - Desired states go out through :class:`LinkPublisher` (retained, QoS 1, PUBACK awaited).
 - A maintenance loop re-signs the TUF timestamp before it expires, re-plans the rollouts (a
-  bake time over, an offline device's grace run out), re-signs desired states near expiry, and
-  publishes anything still pending (after a broker outage, say).
+  bake time over, an offline device's grace run out), re-signs desired states near expiry,
+  publishes anything still pending (after a broker outage, say), and evaluates the alert
+  rules (:func:`fleet_server.monitoring.evaluate_alerts`). Alert webhooks go out from their
+  own thread (:class:`fleet_server.monitoring.WebhookSender`): the pass only queues them.
+- :attr:`MqttRuntime.counters` counts what ingest did, and the acks sent, for ``/metrics``.
 - A stored ``reported`` message from a device that a rollout holds triggers a re-plan, on a
   separate worker so telemetry ingest never waits for it: the reports that arrive while one
   is queued share it (:func:`fleet_server.deploy.service.replan_after_reports`).
@@ -34,7 +37,8 @@ from fleet_server.db import atomic
 from fleet_server.deploy.service import advance_rollouts, publish_pending, replan_after_reports
 from fleet_server.errors import BrokerError, FleetError
 from fleet_server.fleet import Fleet, server_mqtt_secret
-from fleet_server.ingest import handle_message
+from fleet_server.ingest import IngestCounters, handle_message
+from fleet_server.monitoring import WebhookSender, evaluate_alerts
 from fleet_server.settings import SERVER_MQTT_USER
 
 __all__ = ["LinkPublisher", "MqttRuntime", "attach_mqtt"]
@@ -82,12 +86,28 @@ class _DbCredentials:
 
 
 class MqttRuntime:
+    """The server's MQTT side and maintenance loop (module docstring).
+
+    Args:
+        fleet: the open Fleet.
+        maintenance_interval_s: seconds between maintenance passes.
+        rollout_tick_s: while a rollout is running, seconds between re-plans that need no
+            device report (a bake time ending); 0 leaves that to the maintenance pass.
+        clock: unix seconds of ingest (default: the fleet's clock).
+        webhooks: the alert webhook sender (default: one over the fleet's database and
+            clock; its thread runs between :meth:`start` and :meth:`stop`).
+    """
+
     def __init__(self, fleet: Fleet, *, maintenance_interval_s: float = 30.0,
-                 clock: Callable[[], float] | None = None) -> None:
+                 rollout_tick_s: float = 1.0,
+                 clock: Callable[[], float] | None = None,
+                 webhooks: WebhookSender | None = None) -> None:
         self.fleet = fleet
         self.broker: Any = None
         self.link: Any = None
         self._interval = maintenance_interval_s
+        self._rollout_tick = rollout_tick_s
+        self._tick_task: asyncio.Task[None] | None = None
         self._clock = clock or fleet.clock
         self._task: asyncio.Task[None] | None = None
         self._ingest_pool = concurrent.futures.ThreadPoolExecutor(
@@ -105,9 +125,12 @@ class MqttRuntime:
             max_workers=1, thread_name_prefix="edgefleet-replan")
         self._replan_lock = threading.Lock()
         self._reported: set[str] = set()
+        self._running_due = False  # the next pass also re-plans running rollouts
         self._replan_queued = False  # a pass is submitted and has not taken _reported yet
         self._replan_future: concurrent.futures.Future[None] | None = None
         self.replans = 0
+        self.counters = IngestCounters()
+        self.webhooks = webhooks or WebhookSender(fleet.engine, clock=fleet.clock)
 
     async def start(self) -> None:
         """Start the broker (embedded) and the link; subscribe; publish what is pending.
@@ -157,7 +180,12 @@ class MqttRuntime:
         self.fleet.publisher = LinkPublisher(self.link)
         self.fleet.extra["kick"] = self._kick_threadsafe(loop)
         await loop.run_in_executor(None, publish_pending, self.fleet)
+        self.webhooks.start()
+        self.fleet.extra["webhooks"] = self.webhooks
         self._task = asyncio.create_task(self._maintenance(), name="edgefleet-maintenance")
+        if self._rollout_tick > 0:
+            self._tick_task = asyncio.create_task(self._rollout_ticker(),
+                                                  name="edgefleet-rollout-tick")
 
     def _kick_threadsafe(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
         """Drop a (revoked) device's live session on the embedded broker, from any thread."""
@@ -184,7 +212,9 @@ class MqttRuntime:
             log.error("ingest failed for %s: %s", topic[:200], exc)
             return
         self.ingested += 1
-        if result.kind == "reported" and result.device_id:
+        self.counters.count(result)
+        # a report moves a device's outcome; telemetry and drift move its health gates
+        if result.device_id and result.kind in ("reported", "telemetry", "drift"):
             self._replan_soon(result.device_id)
         if result.ack_payload is not None and result.device_id and self.fleet.publisher:
             self._ack_soon(result.device_id, result.kind, result.ack_payload)
@@ -209,6 +239,8 @@ class MqttRuntime:
             publisher.publish_ack(key[0], payload)
         except BrokerError as exc:  # the next batch's ack covers this one
             log.warning("ack to %s not sent: %s", key[0], exc)
+            return
+        self.counters.ack_sent()
 
     def wait_acks(self, timeout: float | None = None) -> None:
         """Block until the acks queued so far have been sent (for tests and shutdown)."""
@@ -217,14 +249,19 @@ class MqttRuntime:
         if future is not None:
             future.result(timeout)
 
-    def _replan_soon(self, device_id: str) -> None:
-        """Queue a re-plan for a device's new report (called on the ingest thread, no I/O).
+    def _replan_soon(self, device_id: str | None = None) -> None:
+        """Queue a re-plan for a device's new report or health numbers (called on the ingest
+        thread, no I/O), or, with no device, for the running rollouts (a bake time may have
+        ended).
 
-        Reports arriving before the queued pass starts join it: a burst of reports costs one
+        Whatever arrives before the queued pass starts joins it: a burst of reports costs one
         pass, not one each.
         """
         with self._replan_lock:
-            self._reported.add(device_id)
+            if device_id is None:
+                self._running_due = True
+            else:
+                self._reported.add(device_id)
             if not self._replan_queued:
                 self._replan_queued = True
                 self._replan_future = self._replan_pool.submit(self._replan)
@@ -232,12 +269,30 @@ class MqttRuntime:
     def _replan(self) -> None:
         with self._replan_lock:
             devices, self._reported = self._reported, set()
+            running, self._running_due = self._running_due, False
             self._replan_queued = False
         try:
-            if replan_after_reports(self.fleet, devices):
+            if running and _has_running_rollout(self.fleet):
+                with atomic(self.fleet.engine) as conn:  # plans every rollout, reports or not
+                    advance_rollouts(self.fleet, conn)
+                publish_pending(self.fleet)
+                self.replans += 1
+            elif replan_after_reports(self.fleet, devices):
                 self.replans += 1
         except FleetError as exc:  # the maintenance pass re-plans anyway
             log.error("re-plan after reports from %d device(s) failed: %s", len(devices), exc)
+
+    def tick_rollouts(self) -> None:
+        """Queue a re-plan of the running rollouts (no I/O here; :meth:`wait_replans`)."""
+        self._replan_soon()
+
+    async def _rollout_ticker(self) -> None:
+        """Re-judge running rollouts every ``rollout_tick_s``: a wave's bake time ends with no
+        message to trigger it, and waiting for the maintenance pass (30 s) would hold every
+        wave that long."""
+        while True:
+            await asyncio.sleep(self._rollout_tick)
+            self.tick_rollouts()
 
     def wait_replans(self, timeout: float | None = None) -> None:
         """Block until the queued re-plan, if any, has run (for tests and shutdown)."""
@@ -270,8 +325,9 @@ class MqttRuntime:
         """One maintenance pass (also callable from tests with an injected clock).
 
         Returns ``timestamp_refreshed``, ``resigned`` (devices given a newly signed desired
-        state: near expiry, or moved by a rollout), ``published`` and ``rollouts`` (the
-        rollouts whose step did something).
+        state: near expiry, or moved by a rollout), ``published``, ``rollouts`` (the
+        rollouts whose step did something) and ``alerts`` (each alert that changed state, as
+        ``"<id>:<state>"``).
         """
         self._republish_after_reconnect()
         fleet = self.fleet
@@ -279,8 +335,12 @@ class MqttRuntime:
         with atomic(fleet.engine) as conn:
             advanced = advance_rollouts(fleet, conn)
         sent = publish_pending(fleet)
+        transitions = evaluate_alerts(fleet, now=fleet.now())
+        if any(t.webhook for t in transitions):
+            self.webhooks.notify()
         return {"timestamp_refreshed": refreshed, "resigned": list(advanced.desired_changed),
-                "published": sent, "rollouts": advanced.rollout_ids}
+                "published": sent, "rollouts": advanced.rollout_ids,
+                "alerts": [f"{t.alert_id}:{t.after}" for t in transitions]}
 
     async def _maintenance(self) -> None:
         loop = asyncio.get_running_loop()
@@ -292,6 +352,11 @@ class MqttRuntime:
                 log.error("maintenance pass failed (retrying in %.0fs): %s", self._interval, exc)
 
     async def stop(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled on purpose
+                await self._tick_task
+            self._tick_task = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):  # cancelled on purpose
@@ -299,16 +364,31 @@ class MqttRuntime:
             self._task = None
         self.fleet.publisher = None
         self.fleet.extra.pop("kick", None)
+        self.fleet.extra.pop("webhooks", None)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._ingest_pool.shutdown, True)
         await loop.run_in_executor(None, self._ack_pool.shutdown, True)
         await loop.run_in_executor(None, self._replan_pool.shutdown, True)
+        await loop.run_in_executor(None, self.webhooks.stop)
         if self.link is not None:
             await loop.run_in_executor(None, self.link.close)
             self.link = None
         if self.broker is not None:
             await self.broker.stop()
             self.broker = None
+
+
+def _has_running_rollout(fleet: Fleet) -> bool:
+    """Whether a rollout is running (a cheap read: most ticks find none)."""
+    from sqlalchemy import select
+
+    from fleet_server.db import tables
+    from fleet_server.db.engine import reading
+
+    with reading(fleet.engine) as conn:
+        c = tables.rollouts.c
+        return conn.execute(select(c.id).where(c.status == "running").limit(1)).first() \
+            is not None
 
 
 def attach_mqtt(app: Any, **options: Any) -> None:

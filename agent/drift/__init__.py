@@ -21,6 +21,7 @@ from agent.drift.stats import (
 from agent.drift.summary import (
     BASELINE_VERSIONS,
     DRIFT_SUMMARY_KIND,
+    MAX_SUMMARY_COUNTS,
     SUMMARY_VERSION,
     DriftMonitor,
     DriftSummary,
@@ -31,6 +32,7 @@ __all__ = [
     "BASELINE_VERSIONS",
     "DEFAULT_EPS",
     "DRIFT_SUMMARY_KIND",
+    "MAX_SUMMARY_COUNTS",
     "PSI_ALERT",
     "PSI_WARN",
     "SUMMARY_VERSION",

@@ -302,13 +302,15 @@ class FeatureDrift:
     """Drift of one monitored distribution against its reference.
 
     ``feature`` is the feature index for a tabular entry and 0 for the single distribution of
-    the other kinds; ``samples`` is how many live values were compared.
+    the other kinds; ``samples`` is how many live values were compared; ``counts`` how many of
+    them fell in each reference bin (``len(edges) + 1`` integers summing to ``samples``).
     """
 
     feature: int
     psi: float
     js: float
     samples: int
+    counts: tuple[int, ...] = ()
 
     @property
     def alert(self) -> bool:
@@ -410,5 +412,6 @@ def compare(
             continue
         counts = hist.counts
         value = psi(ref, counts, eps)
-        out.append(FeatureDrift(feature, value, js_divergence(ref, counts), total))
+        out.append(FeatureDrift(feature, value, js_divergence(ref, counts), total,
+                                tuple(counts.tolist())))
     return out

@@ -23,15 +23,22 @@ start, end and size; the model's name and version. Never an input value.
      "threshold": 0.25, "max_psi": 0.079, "alerts": 0,
      "output_max_psi": 0.002, "output_alerts": 0,
      "inputs":  {"input": {"kind": "tabular",
-                           "features": [{"feature": 0, "psi": 0.0, "js": 0.0, "samples": 500},
-                                        ...]}},
+                           "features": [{"feature": 0, "psi": 0.0, "js": 0.0, "samples": 500,
+                                         "counts": [500, 0]}, ...]}},
      "outputs": {"probabilities": {"kind": "classes",
                                    "features": [{"feature": 0, "psi": ..., ...}]}}}
 
 ``feature`` is the column index of a tabular input and 0 for the single distribution of the
-other kinds. Numbers are rounded to 6 significant digits. With ``N`` reference samples, ``M``
-live ones and ``B`` bins, sampling noise alone gives a PSI of about ``(B - 1) (1/N + 1/M)``:
-windows much smaller than a few hundred predictions over-report drift.
+other kinds. PSI and JS are rounded to 6 significant digits. With ``N`` reference samples,
+``M`` live ones and ``B`` bins, sampling noise alone gives a PSI of about
+``(B - 1) (1/N + 1/M)``: windows much smaller than a few hundred predictions over-report drift.
+
+``counts`` (input features only) are the window's live counts per bin of the feature's
+reference: integers, statistics like the rest. The server sums them over windows and devices
+to draw the live distribution against the reference. They were added without a version bump
+(readers skip fields they do not know, and servers read bodies without them). A summary that
+would carry more than :data:`MAX_SUMMARY_COUNTS` of them (a very wide tabular input) carries
+none, so the body stays small; its PSI and JS are there either way.
 
 Misuse (a malformed baseline, arrays that do not fit it, NaN) raises ``ValueError``; nothing of
 the offending call is counted then. Pure: numpy and the standard library, no clock.
@@ -52,6 +59,7 @@ from agent.drift.stats import PSI_ALERT, FeatureDrift, StreamingHistogram, compa
 __all__ = [
     "BASELINE_VERSIONS",
     "DRIFT_SUMMARY_KIND",
+    "MAX_SUMMARY_COUNTS",
     "SUMMARY_VERSION",
     "DriftMonitor",
     "DriftSummary",
@@ -64,6 +72,9 @@ SUMMARY_VERSION: Final = 1
 BASELINE_VERSIONS: Final = (1,)
 #: outbox kind of a summary row (stream ``"drift"``, priority ``"summary"``)
 DRIFT_SUMMARY_KIND: Final = "drift.summary"
+#: most live bin counts a summary body carries (over every input feature); past it the body
+#: has none (a few bytes each: 4096 of them stay far below an outbox row's limit)
+MAX_SUMMARY_COUNTS: Final = 4096
 
 _INPUT_KINDS = ("tabular", "image", "tensor")
 _OUTPUT_KINDS = ("classes", "scores")
@@ -91,10 +102,21 @@ class EntryDrift:
     def alerts(self, threshold: float) -> int:
         return sum(1 for f in self.features if f.psi >= threshold)
 
-    def to_body(self) -> dict[str, Any]:
-        return {"kind": self.kind, "features": [
-            {"feature": f.feature, "psi": _sig(f.psi), "js": _sig(f.js), "samples": f.samples}
-            for f in self.features]}
+    @property
+    def count_size(self) -> int:
+        """How many live bin counts :meth:`to_body` writes with ``counts=True``."""
+        return sum(len(f.counts) for f in self.features)
+
+    def to_body(self, *, counts: bool = True) -> dict[str, Any]:
+        """The entry's body; ``counts`` includes each feature's live bin counts."""
+        features = []
+        for f in self.features:
+            item: dict[str, Any] = {"feature": f.feature, "psi": _sig(f.psi), "js": _sig(f.js),
+                                    "samples": f.samples}
+            if counts:
+                item["counts"] = list(f.counts)
+            features.append(item)
+        return {"kind": self.kind, "features": features}
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,7 @@ class DriftSummary:
 
     def to_body(self) -> dict[str, Any]:
         """The JSON-serialisable body of a drift outbox row (plain dicts, lists, numbers)."""
+        counts = sum(e.count_size for e in self.inputs) <= MAX_SUMMARY_COUNTS
         return {
             "version": SUMMARY_VERSION,
             "model": self.model,
@@ -143,8 +166,8 @@ class DriftSummary:
             "alerts": self.alerts,
             "output_max_psi": _sig(self.output_max_psi),
             "output_alerts": self.output_alerts,
-            "inputs": {e.name: e.to_body() for e in self.inputs},
-            "outputs": {e.name: e.to_body() for e in self.outputs},
+            "inputs": {e.name: e.to_body(counts=counts) for e in self.inputs},
+            "outputs": {e.name: e.to_body(counts=False) for e in self.outputs},
         }
 
 

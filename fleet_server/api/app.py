@@ -12,6 +12,11 @@ production), mounts the routers and installs the ONE mapping from errors to HTTP
 - unknown paths and methods (starlette's HTTPException) -> the same shape (405 lists every
   method the path serves in ``Allow``).
 
+Besides :data:`~fleet_server.api.routes.ROUTERS`, the app mounts the monitoring and alert
+routes and ``GET /metrics``, whose Prometheus registry is the app's own
+(``app.state.prometheus``): it reads the Fleet and, once ``serve`` attached one, the MQTT
+runtime's ingest counters at each scrape.
+
 Request bodies are bounded before FastAPI reads them: :data:`JSON_BODY_LIMIT` everywhere but the
 bundle upload, which streams to disk under its own limit (413 ``PayloadTooLarge`` either way).
 
@@ -39,10 +44,13 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet_server.api.deps import refuse_unknown_query
-from fleet_server.api.routes import ROUTERS, models
+from fleet_server.api.routes import ROUTERS, alerts, models, monitoring
+from fleet_server.dashboard import mount as mount_dashboard
 from fleet_server.deploy.service import publish_pending
 from fleet_server.errors import FleetError, InvalidInput, PayloadTooLarge, Unauthenticated
 from fleet_server.fleet import Fleet, Publisher, open_fleet
+from fleet_server.ingest import IngestCounters
+from fleet_server.monitoring import make_registry
 from fleet_server.settings import Settings
 
 __all__ = ["API_VERSION", "JSON_BODY_LIMIT", "Hook", "create_app"]
@@ -235,8 +243,15 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app.add_exception_handler(FleetError, _fleet_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for router in ROUTERS:
+    for router in (*ROUTERS, monitoring.router, alerts.router, monitoring.metrics_router):
         app.include_router(router)
+
+    def counters() -> IngestCounters | None:
+        runtime = getattr(app.state, "mqtt", None)  # set by fleet_server.runtime.attach_mqtt
+        return runtime.counters if runtime is not None else None
+
+    app.state.prometheus = make_registry(lambda: app.state.fleet, counters)
     app.add_middleware(_BodyLimit, limit=JSON_BODY_LIMIT, exempt=("POST", models.router.prefix))
     _document_limits(app, settings)
+    mount_dashboard(app)  # read-only pages under /ui/, left out of /openapi.json
     return app

@@ -15,6 +15,10 @@ from agent.protocol.topics import DEVICE_ID_PATTERN
 from fleet_server.registry.devices import TAG_PATTERN
 
 __all__ = [
+    "AlertDeviceOut",
+    "AlertOut",
+    "AlertRuleCreate",
+    "AlertRuleOut",
     "ArtifactOut",
     "AuditEntryOut",
     "AuditPage",
@@ -23,11 +27,16 @@ __all__ = [
     "DeploymentOut",
     "DesiredOut",
     "DeviceCreate",
+    "DeviceMonitoringOut",
     "DeviceOut",
     "DeviceRolloutOut",
     "DeviceSummary",
+    "DistributionOut",
+    "DriftOut",
     "ErrorOut",
+    "FleetMonitoringOut",
     "HealthOut",
+    "ModelMonitoringOut",
     "ModelSummary",
     "ModelVersionOut",
     "Page",
@@ -346,6 +355,274 @@ class AuditPage(BaseModel):
     chain_intact: bool
     first_broken_id: int | None = Field(
         description="the first row whose hash does not chain (edited or deleted rows)")
+
+
+# -------------------------------------------------------------------------------- monitoring
+class StatsOut(BaseModel):
+    """What the devices' summaries say about a set of records (see fleet_server.monitoring)."""
+
+    requests: int
+    errors: int
+    error_rate: float | None = Field(description="errors / requests; null without requests")
+    errors_by_kind: dict[str, int] = Field(description="4xx | 5xx | runtime")
+    p50_ms: float | None = Field(description="latency of successful requests, from the "
+                                 "merged histograms (the worst device estimate when they do "
+                                 "not merge)")
+    p95_ms: float | None
+    p99_ms: float | None
+    max_psi: float | None = Field(description="largest input-feature PSI of any drift window")
+    drift_windows: int
+    predictions: int = Field(description="predictions the drift windows cover")
+
+
+class PointOut(BaseModel):
+    """One time bucket (server receive time, [start, start + bucket_s))."""
+
+    start: int
+    requests: int
+    errors: int
+    error_rate: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    max_psi: float | None
+    drift_windows: int
+    predictions: int
+    devices: int = Field(description="devices that sent records in the bucket")
+    mean_psi: float | None = Field(description="mean over devices of their largest PSI")
+
+
+class _Range(BaseModel):
+    since: int = Field(description="unix seconds (exclusive), server clock")
+    until: int = Field(description="unix seconds (inclusive)")
+    bucket_s: int
+
+
+class DeviceCountsOut(BaseModel):
+    total: int = Field(description="every provisioned device, revoked ones included")
+    online: int = Field(description="live devices whose last status said online")
+    offline: int = Field(description="live devices that are not online")
+    revoked: int
+
+
+class VersionStatsOut(StatsOut):
+    version: str
+    running_devices: int = Field(description="live devices that report running it")
+    reporting_devices: int = Field(description="devices that sent records in the range")
+
+
+class ModelStatsOut(StatsOut):
+    model: str
+    running_devices: int
+    reporting_devices: int
+    versions: list[VersionStatsOut]
+
+
+class AlertCountsOut(BaseModel):
+    pending: int
+    firing: int
+
+
+class FleetMonitoringOut(_Range):
+    devices: DeviceCountsOut
+    totals: StatsOut
+    models: list[ModelStatsOut]
+    series: list[PointOut]
+    alerts: AlertCountsOut
+
+
+class VersionSeriesOut(VersionStatsOut):
+    series: list[PointOut]
+
+
+class ModelDeviceOut(StatsOut):
+    device: str
+    version: str
+    profile: str
+    online: bool
+    revoked: bool
+    running: bool = Field(description="the device still reports running this version")
+    latency_budget_ms: float | None = Field(description="its profile's latency budget")
+    last_at: int | None = Field(description="when its latest record in the range arrived")
+
+
+class ModelMonitoringOut(_Range):
+    model: str
+    totals: StatsOut
+    versions: list[VersionSeriesOut]
+    devices: list[ModelDeviceOut] = Field(description="per device and version; devices that "
+                                          "run the model but sent nothing show 0 requests")
+    series: list[PointOut]
+
+
+class RunningOut(BaseModel):
+    model: str
+    version: str
+
+
+class DeviceModelOut(StatsOut):
+    model: str
+    version: str
+    running: bool
+    last_at: int
+    series: list[PointOut]
+
+
+class DeviceMonitoringOut(_Range):
+    device: str
+    profile: str
+    online: bool
+    revoked: bool
+    last_seen_at: int | None
+    latency_budget_ms: float | None
+    running: list[RunningOut]
+    totals: StatsOut
+    models: list[DeviceModelOut]
+
+
+class DriftFeatureOut(BaseModel):
+    input: str
+    feature: int
+    psi_max: float | None = Field(description="largest over devices of each device's "
+                                  "largest PSI in the bucket")
+    psi_mean: float | None = Field(description="mean over devices of the same")
+    js_max: float | None
+    js_mean: float | None
+    samples: int
+    devices: int
+
+
+class DriftDeviceValueOut(BaseModel):
+    device: str
+    max_psi: float | None
+    windows: int
+
+
+class DriftBucketOut(BaseModel):
+    start: int
+    max_psi: float | None
+    mean_psi: float | None
+    windows: int
+    predictions: int
+    devices: list[DriftDeviceValueOut]
+    features: list[DriftFeatureOut]
+
+
+class TopFeatureOut(BaseModel):
+    input: str
+    feature: int
+    psi: float | None
+    js: float | None
+
+
+class DriftDeviceOut(BaseModel):
+    device: str
+    versions: list[str]
+    windows: int
+    predictions: int
+    first_max_psi: float | None
+    latest_max_psi: float | None
+    peak_max_psi: float | None
+    latest_at: int
+    trend: Literal["rising", "falling", "steady"]
+    series: list[float | None] = Field(description="its largest PSI per bucket (null: no "
+                                       "window)")
+    top_features: list[TopFeatureOut] = Field(description="its latest window's largest")
+
+
+class DriftOut(_Range):
+    model: str
+    version: str | None
+    device: str | None
+    input: str | None
+    feature: int | None
+    buckets: list[DriftBucketOut]
+    devices: list[DriftDeviceOut]
+
+
+class DistributionOut(_Range):
+    model: str
+    version: str
+    input: str
+    feature: int
+    kind: str = Field(description="the baseline entry's kind: tabular | image | tensor")
+    profile: str = Field(description="the artifact whose baseline is the reference")
+    profiles: list[str] = Field(description="profiles whose devices count (same bin edges)")
+    edges: list[float] = Field(description="interior bin edges; len(edges) + 1 bins")
+    reference: list[float] = Field(description="reference frequency per bin")
+    live_counts: list[int] | None = Field(description="live values per bin, summed over "
+                                          "windows and devices")
+    live: list[float] | None = Field(description="live frequency per bin")
+    samples: int
+    windows: int
+    windows_without_counts: int = Field(description="windows from agents that send no bin "
+                                        "counts")
+    devices: int
+    psi: float | None = Field(description="PSI of the pooled live counts")
+    js: float | None
+
+
+# ------------------------------------------------------------------------------------ alerts
+class AlertRuleCreate(_In):
+    """A condition on one model's devices; see ``kind``."""
+
+    model: str = Field(min_length=1, max_length=200, examples=["digits"])
+    version: str | None = Field(None, min_length=1, max_length=100,
+                                description="one version (default: all of them)")
+    kind: Literal["drift_psi", "error_rate", "p95_latency"] = Field(
+        description="drift_psi: a device's largest input-feature PSI > threshold; "
+                    "error_rate: errors/requests > threshold; p95_latency: p95 > threshold "
+                    "ms (null: the device profile's latency budget)")
+    threshold: float | None = Field(None, allow_inf_nan=False, examples=[0.25])
+    min_devices: int = Field(1, ge=1, le=1_000_000,
+                             description="devices over the threshold for the rule to hold")
+    for_s: int = Field(0, ge=0, le=30 * 86400,
+                       description="seconds it must hold before the alert fires")
+    window_s: int = Field(300, ge=10, le=7 * 86400,
+                          description="each device is judged on this much history")
+    min_samples: int = Field(100, ge=1, le=1 << 40, description="requests (drift: "
+                             "predictions) a device needs in the window to be judged")
+    webhook_url: str | None = Field(None, max_length=2000, description="POSTed a JSON "
+                                    "payload when the alert fires and when it resolves")
+
+
+class AlertRuleOut(BaseModel):
+    id: int
+    model: str
+    version: str | None
+    kind: str
+    threshold: float | None
+    min_devices: int
+    for_s: int
+    window_s: int
+    min_samples: int
+    webhook_url: str | None
+    created_at: int
+    created_by: str
+
+
+class AlertDeviceOut(BaseModel):
+    device: str
+    value: float
+    limit: float
+    samples: int
+
+
+class AlertOut(BaseModel):
+    id: int
+    rule_id: int
+    rule: dict[str, Any] = Field(description="the rule as it was when the alert began")
+    model: str
+    kind: str
+    state: Literal["pending", "firing", "resolved"]
+    started_at: int = Field(description="when the condition began to hold")
+    fired_at: int | None
+    resolved_at: int | None
+    updated_at: int
+    devices: list[AlertDeviceOut] = Field(description="the devices over the threshold at the "
+                                          "last evaluation that held")
+    value: float | None = Field(description="the worst of their values")
+    summary: str
 
 
 _ERROR_TEXT = {

@@ -1,6 +1,16 @@
-"""Engine factory and migrations. SQLite gets WAL, a busy timeout and foreign keys; PostgreSQL
-needs nothing special. Migrations are named and ordered, each applied together with its
-bookkeeping row in one transaction (sqlite-utils ``Migrations`` idea)."""
+"""Engine factory, transactions and migrations. SQLite gets WAL, a busy timeout and foreign
+keys; PostgreSQL needs nothing special. Migrations are named and ordered, each applied together
+with its bookkeeping row in one transaction (sqlite-utils ``Migrations`` idea).
+
+Two kinds of transaction, because SQLite has one writer at a time:
+
+- :func:`atomic` for anything that may write: ``BEGIN IMMEDIATE`` takes the write lock up
+  front, so two writers queue on the busy timeout instead of one failing when its read lock
+  cannot be upgraded (``SQLITE_BUSY`` that no timeout cures);
+- :func:`reading` for read-only work (token lookups, polling, listing what is pending): a plain
+  deferred ``BEGIN``. Under WAL a reader sees the last committed snapshot and never waits for
+  the writer, nor makes the writer wait, so hot read paths stay off the write lock.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +22,13 @@ from sqlalchemy import Connection, Engine, create_engine, event, insert, select,
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_server.db import tables
+from fleet_server.db.migrations import m0003_monitoring
 from fleet_server.errors import StoreError
 
-__all__ = ["MIGRATIONS", "atomic", "make_engine", "migrate"]
+__all__ = ["MIGRATIONS", "atomic", "make_engine", "migrate", "reading"]
+
+#: execution option that marks a connection's transactions read-only (see :func:`reading`)
+_READ_ONLY = "edgefleet_read_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -39,9 +53,10 @@ def make_engine(url: str) -> Engine:
 
             @event.listens_for(engine, "begin")
             def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
-                # IMMEDIATE takes the write lock up front: two writers queue on the busy
-                # timeout instead of one failing when its read lock cannot be upgraded
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                # writers: IMMEDIATE takes the write lock up front (see the module docstring);
+                # readers (`reading`): a deferred BEGIN, a WAL snapshot without the lock
+                read_only = conn.get_execution_options().get(_READ_ONLY, False)
+                conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
         else:
             engine = create_engine(url, pool_pre_ping=True)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
@@ -65,6 +80,7 @@ def _v2_rollouts(conn: Connection) -> None:
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", _v1_initial),
     ("0002_rollouts", _v2_rollouts),
+    (m0003_monitoring.NAME, m0003_monitoring.upgrade),
 ]
 
 
@@ -103,5 +119,25 @@ def atomic(engine: Engine) -> Iterator[Connection]:
     try:
         with engine.begin() as conn:
             yield conn
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database error: {exc}") from exc
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """One read-only transaction (a consistent snapshot); database errors become
+    :class:`StoreError`. On SQLite it does not take the write lock (see the module docstring).
+
+    Read-only is the caller's contract: a write inside it would have to take the lock late,
+    and may fail with ``SQLITE_BUSY`` under contention. Use :func:`atomic` to write.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(**{_READ_ONLY: True})
+            with conn.begin():
+                yield conn
     except SQLAlchemyError as exc:
         raise StoreError(f"database error: {exc}") from exc

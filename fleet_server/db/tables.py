@@ -15,13 +15,24 @@
 | rollouts          | 2     | one per rollout-backed deployment (same id): spec, planner state  |
 | rollout_devices   | 2     | per (rollout, device) assigned: when, and the desired-state       |
 |                   |       | sequence that first carried the rollout's version to it           |
+| alert_rules       | 3     | per model: drift_psi / error_rate / p95_latency condition, how    |
+|                   |       | many devices for how long, optional webhook URL                   |
+| alerts            | 3     | one per episode of a rule's condition: pending -> firing ->       |
+|                   |       | resolved, with the devices and values that triggered it           |
+| alert_webhooks    | 3     | one delivery per fired/resolved alert and webhook: payload, state |
+|                   |       | (pending | delivered | failed), attempts, when to retry           |
+| webhook_attempts  | 3     | every delivery attempt: when, HTTP status or error                |
 
 Migration ``0002_rollouts`` also adds the index ``ix_device_records_health`` on
 ``device_records (device_id, kind, received_at)`` (rollout health gates read it).
 
 ``0001_initial`` creates every table of :data:`METADATA`, so that object is frozen at version
-1: tables introduced later live in their own ``MetaData`` (:data:`METADATA_0002`), created by
-their migration, and :data:`ALL_METADATA` lists them all.
+1: tables introduced later live in their own ``MetaData`` (:data:`METADATA_0002`,
+:data:`METADATA_0003`), created by their migration, and :data:`ALL_METADATA` lists them all.
+
+Monitoring (:mod:`fleet_server.monitoring`) computes its views on read from ``device_records``
+(through ``ix_device_records_health``): migration ``0003_monitoring`` adds no rollup table, so
+ingest writes exactly what it wrote before.
 
 JSON columns are TEXT holding canonical JSON, so SQLite and PostgreSQL behave alike. Times are
 integer unix seconds (UTC), taken once per operation from the injected clock.
@@ -33,6 +44,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -46,6 +58,10 @@ __all__ = [
     "ALL_METADATA",
     "METADATA",
     "METADATA_0002",
+    "METADATA_0003",
+    "alert_rules",
+    "alert_webhooks",
+    "alerts",
     "artifacts",
     "audit",
     "deployments",
@@ -58,12 +74,15 @@ __all__ = [
     "schema_migrations",
     "stream_acks",
     "tokens",
+    "webhook_attempts",
 ]
 
 #: the tables of ``0001_initial`` (which runs ``METADATA.create_all``): never add to it
 METADATA = MetaData()
 #: the tables of ``0002_rollouts``
 METADATA_0002 = MetaData()
+#: the tables of ``0003_monitoring``
+METADATA_0003 = MetaData()
 
 schema_migrations = Table(
     "schema_migrations", METADATA,
@@ -202,5 +221,72 @@ rollout_devices = Table(
 )
 Index("ix_rollout_devices_device", rollout_devices.c.device_id)
 
+# ------------------------------------------------------------------------ 0003_monitoring
+alert_rules = Table(
+    "alert_rules", METADATA_0003,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False),
+    Column("version", String(100), nullable=True),  # None: every version of the model
+    Column("kind", String(20), nullable=False),  # drift_psi | error_rate | p95_latency
+    # drift_psi: PSI; error_rate: errors/requests; p95_latency: ms (None: profile budget)
+    Column("threshold", Float, nullable=True),
+    Column("min_devices", Integer, nullable=False),  # devices over the threshold to count
+    Column("for_s", Integer, nullable=False),  # pending this long before firing
+    Column("window_s", Integer, nullable=False),  # each device judged on this much history
+    Column("min_samples", Integer, nullable=False),  # requests (drift: predictions) to judge
+    Column("webhook_url", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("created_by", String(200), nullable=False),
+)
+Index("ix_alert_rules_model", alert_rules.c.model)
+
+alerts = Table(
+    "alerts", METADATA_0003,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rule_id", Integer, nullable=False),  # no foreign key: alerts outlive their rule
+    Column("rule", Text, nullable=False),  # the rule as it was (canonical JSON)
+    Column("model", String(200), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("state", String(10), nullable=False),  # pending | firing | resolved
+    Column("started_at", BigInteger, nullable=False),  # the condition first held
+    Column("fired_at", BigInteger, nullable=True),
+    Column("resolved_at", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+    # the devices over the threshold at the last evaluation that held: JSON list of
+    # {"device", "version", "value", "limit", "samples"}; kept when the alert resolves
+    Column("devices", Text, nullable=False),
+    Column("value", Float, nullable=True),  # the worst of their values
+    Column("summary", Text, nullable=False),  # one line: what holds, since when
+)
+Index("ix_alerts_state", alerts.c.state)
+Index("ix_alerts_rule", alerts.c.rule_id, alerts.c.state)
+
+alert_webhooks = Table(
+    "alert_webhooks", METADATA_0003,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alert_id", Integer, nullable=False),
+    Column("event", String(10), nullable=False),  # firing | resolved
+    Column("url", Text, nullable=False),
+    Column("payload", Text, nullable=False),  # the JSON body POSTed, canonical
+    Column("status", String(10), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_at", BigInteger, nullable=False),  # when a pending one is tried next
+    Column("last_error", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("done_at", BigInteger, nullable=True),
+)
+Index("ix_alert_webhooks_due", alert_webhooks.c.status, alert_webhooks.c.next_at)
+
+webhook_attempts = Table(
+    "webhook_attempts", METADATA_0003,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("webhook_id", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),  # 1, 2, ...
+    Column("at", BigInteger, nullable=False),
+    Column("status_code", Integer, nullable=True),  # None: no HTTP answer
+    Column("error", Text, nullable=True),  # None: delivered
+)
+Index("ix_webhook_attempts_webhook", webhook_attempts.c.webhook_id)
+
 #: every table, whichever migration made it
-ALL_METADATA = (METADATA, METADATA_0002)
+ALL_METADATA = (METADATA, METADATA_0002, METADATA_0003)

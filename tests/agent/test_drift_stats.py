@@ -263,12 +263,12 @@ def test_compare_tabular_entry() -> None:
     for i, hist in enumerate(hists):
         hist.update(live[:, i])
     drift = compare(TABULAR, hists)
-    assert drift == [FeatureDrift(0, 0.0, 0.0, 4), FeatureDrift(1, 0.0, 0.0, 4)]
+    assert drift == [FeatureDrift(0, 0.0, 0.0, 4, (1, 2, 1)), FeatureDrift(1, 0.0, 0.0, 4, (4, 0))]
     assert not drift[0].alert
 
     hists[1].update([6.0] * 12)  # the constant feature moves: 12 of 16 above its edge
     moved = compare(TABULAR, hists)[1]
-    assert moved.feature == 1 and moved.samples == 16
+    assert moved.feature == 1 and moved.samples == 16 and moved.counts == (4, 12)
     assert moved.psi == pytest.approx(psi([1.0, 0.0], [4, 12]))
     assert moved.alert and 0 < moved.js < 1
 

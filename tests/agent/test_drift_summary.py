@@ -18,10 +18,12 @@ import pytest
 from agent.buffer import Outbox
 from agent.drift import (
     DRIFT_SUMMARY_KIND,
+    MAX_SUMMARY_COUNTS,
     PSI_ALERT,
     SUMMARY_VERSION,
     DriftMonitor,
     DriftSummary,
+    bin_counts,
 )
 from agent.protocol.messages import DriftBatch
 from model_tools.baseline import compute_baseline
@@ -155,14 +157,42 @@ def test_the_body_is_json_and_fits_a_drift_batch(digits: Digits) -> None:
     assert set(body["outputs"]) == {"probabilities", "label"}
     assert body["outputs"]["label"]["kind"] == "classes"
     feature = body["inputs"]["input"]["features"][18]
-    assert set(feature) == {"feature", "psi", "js", "samples"} and feature["feature"] == 18
+    assert set(feature) == {"feature", "psi", "js", "samples", "counts"}
+    assert feature["feature"] == 18
     assert 0 <= feature["js"] <= 1 and feature["samples"] == len(digits.x_eval)
+    # the live counts per reference bin: exactly what binning the window's column gives
+    [ref] = [f for f in digits.baseline["inputs"]["input"]["features"] if f["index"] == 18]
+    live = bin_counts(shifted(digits.x_eval, "dead")[:, 18], ref["edges"]).tolist()
+    assert feature["counts"] == live and len(live) == len(ref["ref"])
+    assert sum(live) == feature["samples"] and live[0] == len(digits.x_eval)  # dead: all 0
+    # outputs carry their PSI and JS only
+    assert set(body["outputs"]["label"]["features"][0]) == {"feature", "psi", "js", "samples"}
     # it goes through the outbox and the wire format unchanged
     box = Outbox.in_memory(device_id="pi-01", max_rows=10)
     box.append("drift", DRIFT_SUMMARY_KIND, body, at=summary.end, priority="summary")
     [batch] = box.build_batches("drift", 10)
     assert isinstance(batch, DriftBatch)
     assert DriftBatch.from_bytes(batch.to_bytes()).records[0].body == body
+
+
+def test_a_very_wide_input_sends_its_drift_without_bin_counts(digits: Digits) -> None:
+    """Past MAX_SUMMARY_COUNTS live counts a body carries none; PSI and JS are still there."""
+    rng = np.random.default_rng(3)
+    wide = rng.normal(size=(300, 600))
+    baseline = compute_baseline({"x": wide}, {"y": wide[:, 0]}, task="regression",
+                                source="calibration")
+    monitor = DriftMonitor(baseline, window=300, window_s=60.0)
+    live = rng.normal(size=(300, 600))
+    summary = monitor.observe({"x": live}, {"y": live[:, 0]}, T0)
+    assert summary is not None
+    assert sum(e.count_size for e in summary.inputs) > MAX_SUMMARY_COUNTS
+    body = summary.to_body()
+    features = body["inputs"]["x"]["features"]
+    assert len(features) == 600 and not any("counts" in f for f in features)
+    assert all(f["samples"] == 300 and f["psi"] >= 0 for f in features)
+    # the narrow digits body carries them
+    [narrow] = digits.feed(digits.monitor(), digits.x_eval)
+    assert all("counts" in f for f in narrow.to_body()["inputs"]["input"]["features"])
 
 
 # ---------------------------------------------------------------------------------------------

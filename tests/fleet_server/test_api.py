@@ -489,7 +489,8 @@ def test_healthz_needs_no_token_and_openapi_documents_security(h: Harness) -> No
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     ops = [(path, method, op) for path, item in schema["paths"].items()
            for method, op in item.items()]
-    assert len(ops) == 20  # 15, plus the 5 rollout routes
+    # 15, the 5 rollout routes, the 5 monitoring views, 4 alert routes and /metrics
+    assert len(ops) == 30
     for path, method, op in ops:
         if path == "/healthz":
             assert "security" not in op

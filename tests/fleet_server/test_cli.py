@@ -278,6 +278,101 @@ def test_revoke(server: Server, tmp_path: Path) -> None:
     assert again.exit_code == 1 and "already revoked" in again.stderr
 
 
+# --------------------------------------------------------------------------------- monitoring
+
+def _drift_body(psi: float, model: str = "mon") -> dict[str, Any]:
+    return {"version": 1, "model": model, "model_version": "1.0.0",
+            "window": {"start": 0.0, "end": 1.0, "predictions": 500}, "max_psi": psi,
+            "inputs": {"x": {"kind": "tabular", "features": [
+                {"feature": 0, "psi": psi, "js": psi / 10, "samples": 500},
+                {"feature": 1, "psi": psi / 2, "js": 0.01, "samples": 500}]}}}
+
+
+def test_monitor_and_alert_commands(server: Server, tmp_path: Path) -> None:
+    from agent.drift import DRIFT_SUMMARY_KIND
+    from agent.metrics import METRICS_KIND, RequestMetrics
+    from agent.protocol.messages import DriftBatch, Record, TelemetryBatch
+    from agent.protocol.topics import device_topic
+    from fleet_server.fleet import open_fleet
+    from fleet_server.ingest import handle_message
+    from fleet_server.monitoring import evaluate_alerts
+    from fleet_server.settings import Settings
+
+    for device in ("mon-1", "mon-2"):
+        assert server.run("device", "provision", device, "--profile", "rpi4", "--out",
+                          tmp_path / f"{device}.json").exit_code == 0
+    assert server.run("model", "push", _bundle(tmp_path / "b", name="mon")).exit_code == 0
+    # the devices' records, through the real ingest of a second process-local Fleet
+    fleet = open_fleet(Settings(data_dir=server.data_dir))
+    now = int(time.time())
+    try:
+        for device, psis in (("mon-1", (0.05, 0.04, 0.05)), ("mon-2", (0.05, 0.6, 1.3))):
+            for i, (ago, psi) in enumerate(zip((1500, 900, 60), psis, strict=True)):
+                batch = DriftBatch(device_id=device, records=(Record(
+                    seq=i + 1, kind=DRIFT_SUMMARY_KIND, at=now, body=_drift_body(psi)),))
+                handle_message(fleet, device_topic(device, "drift"), batch.to_bytes(),
+                               now=now - ago)
+        metrics = RequestMetrics(start=now)
+        for _ in range(90):
+            metrics.observe("mon", "1.0.0", 4.0, True)
+        for _ in range(10):
+            metrics.observe("mon", "1.0.0", 0.0, False, "runtime")
+        batch = TelemetryBatch(device_id="mon-1", records=tuple(
+            Record(seq=1, kind=METRICS_KIND, at=now, body=b) for b in metrics.flush(now)))
+        handle_message(fleet, device_topic("mon-1", "telemetry"), batch.to_bytes(), now=now)
+
+        drift = server.run("monitor", "drift", "mon", "--device", "mon-2", "--since", "30m",
+                           "--bucket", "5m")
+        assert drift.exit_code == 0, drift.output
+        [row] = [line for line in drift.stdout.splitlines() if line.startswith("mon-2 ")]
+        assert row.split()[:6] == ["mon-2", "1.0.0", "3", "1.3", "rising", "(+1.25)"]
+        assert "x[0] 1.3, x[1] 0.65" in row
+        assert "Input drift of mon (every version) on mon-2 from" in drift.stdout
+        buckets = drift.stdout.split("PREDICTIONS", 1)[1].split()
+        assert buckets.count("500") == 3  # one window per listed bucket
+        as_json = json.loads(server.run("monitor", "drift", "mon", "--json").stdout)
+        assert {d["device"]: d["trend"] for d in as_json["devices"]} == {"mon-1": "steady",
+                                                                          "mon-2": "rising"}
+        model = server.run("monitor", "model", "mon")
+        assert model.exit_code == 0, model.output
+        assert "All versions: 100 requests, 10 errors (10.00%); latency p50 4 ms" in model.stdout
+        # the devices never reported running it (no agent here): the table says so
+        assert re.search(r"^mon-1 \(not running it\)\s+1\.0\.0\s+no\s+100\s+10\s+10\.00%\s+"
+                         r"4\s+50\s+0\.05", model.stdout, re.MULTILINE), model.stdout
+        fleet_out = server.run("monitor", "fleet")
+        assert fleet_out.exit_code == 0, fleet_out.output
+        assert re.search(r"^mon\s+1\.0\.0\s+0\s+2\s+100\s+10", fleet_out.stdout,
+                         re.MULTILINE), fleet_out.stdout
+
+        added = server.run("alert", "rule", "add", "mon", "--kind", "drift_psi", "--threshold",
+                           "0.5", "--window", "10m", "--json")
+        assert added.exit_code == 0, added.output
+        rule = json.loads(added.stdout)
+        assert (rule["threshold"], rule["window_s"], rule["for_s"]) == (0.5, 600, 0)
+        assert "10m" in server.run("alert", "rule", "list").stdout
+        assert server.run("alert", "list").stdout.strip() == "No alerts."
+        evaluate_alerts(fleet, now=now)
+        firing = server.run("alert", "list", "--state", "firing")
+        assert firing.exit_code == 0 and "FIRING" in firing.stdout
+        assert "1 device(s) with input PSI over 0.5" in firing.stdout
+        assert "mon-2 1.3" in firing.stdout
+        removed = server.run("alert", "rule", "rm", str(rule["id"]))
+        assert removed.stdout.strip() == f"Removed alert rule {rule['id']} (drift_psi on mon)."
+        [alert] = json.loads(server.run("alert", "list", "--json").stdout)
+        assert alert["state"] == "resolved"
+    finally:
+        fleet.engine.dispose()
+
+    for args, code, words in [
+            (["monitor", "drift", "mon", "--since", "soon"], 2, "expected a duration"),
+            (["monitor", "model", "nope"], 1, "model 'nope' not found"),
+            (["alert", "rule", "add", "mon", "--kind", "drift_psi"], 1,
+             "threshold: expected a PSI > 0"),
+            (["alert", "rule", "rm", "999"], 1, "alert rule 999 not found")]:
+        result = server.run(*args)
+        assert (result.exit_code, words in result.output) == (code, True), result.output
+
+
 # --------------------------------------------------------------------------------- local commands
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def test_timestamp_and_desired_states_are_resigned_before_expiry(tmp_path: Path)
     clock.now += 3600  # an hour later: nothing is near expiry
     quiet = runtime.maintain_once()
     assert quiet == {"timestamp_refreshed": False, "resigned": [], "published": [],
-                     "rollouts": []}
+                     "rollouts": [], "alerts": []}
 
     clock.now += 6 * DAY  # desired state within its one-day margin; TUF timestamp (1 day) past
     busy = runtime.maintain_once()

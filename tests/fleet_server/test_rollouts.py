@@ -273,7 +273,7 @@ def test_a_bake_time_holds_the_next_wave_until_maintenance_sees_it_over(
     assert len(f.on("2")) == 1
     done = f.maintain(1)
     assert done["rollouts"] == [rid] and len(done["published"]) == 2
-    assert set(done) == {"timestamp_refreshed", "resigned", "published", "rollouts"}
+    assert {"timestamp_refreshed", "resigned", "published", "rollouts"} <= set(done)
     assert len(f.on("2")) == 3
 
 

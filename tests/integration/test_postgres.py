@@ -118,3 +118,102 @@ def test_registry_deploy_ingest_and_audit_on_postgres(postgres_url: str, tmp_pat
     assert actions[:1] == ["token.create"] and "deployment.create" in actions
     assert seq == 1
     fleet.engine.dispose()
+
+
+def _fresh_database(url: str, name: str) -> str:
+    """A new, empty database on the same cluster (the module's ``fleet`` one is shared)."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"),
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_monitoring_and_alerts_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+    """Migration 0003, the views (the body prefilter escapes LIKE's wildcards), an alert and
+    its webhook delivery attempt, on PostgreSQL."""
+    import json
+
+    from agent.drift import DRIFT_SUMMARY_KIND
+    from agent.metrics import METRICS_KIND, RequestMetrics
+    from agent.protocol.messages import DriftBatch
+    from fleet_server.monitoring import (
+        AlertRule,
+        TimeRange,
+        WebhookSender,
+        create_rule,
+        distribution_view,
+        drift_view,
+        evaluate_alerts,
+        list_alerts,
+        model_view,
+    )
+
+    model = "pg/m_1%"  # "/" is the prefilter's escape character, "_" and "%" LIKE's wildcards
+    url = _fresh_database(postgres_url, "monitoring")
+    settings = Settings(data_dir=tmp_path / "data", database_url=url)
+    init_data_dir(settings, clock=lambda: NOW)
+    fleet = open_fleet(settings, clock=lambda: NOW)
+    baseline = {"version": 1, "inputs": {"x": {"kind": "tabular", "features": [
+        {"index": 0, "edges": [0.5], "ref": [0.5, 0.5], "mean": 0.5, "std": 0.5}]}}}
+    with atomic(fleet.engine) as conn:
+        names = [row.name for row in conn.execute(select(tables.schema_migrations.c.name)
+                                                  .order_by(tables.schema_migrations.c.name))]
+        for device in ("pg-a", "pg-b"):
+            devices.provision(fleet, conn, device_id=device, profile="rpi4", tags=[],
+                              actor=ADMIN)
+        conn.execute(tables.artifacts.insert().values(
+            name=model, version="1", profile="rpi4", runtime="onnxruntime", precision="fp32",
+            sha256="a" * 64, length=10, target_path="t", manifest_target="m",
+            manifest=json.dumps({"drift_baseline": baseline}), created_at=NOW,
+            created_by="t"))
+        rule = create_rule(conn, AlertRule(0, model, "drift_psi", 0.25,
+                                           webhook_url="http://127.0.0.1:9/hook"),
+                           actor=ADMIN, now=NOW)
+    assert names == ["0001_initial", "0002_rollouts", "0003_monitoring"]
+    metrics = RequestMetrics(start=NOW)
+    for ms in (3.0, 3.0, 30.0):
+        metrics.observe(model, "1", ms, True)
+    metrics.observe(model, "1", 0.0, False, "5xx")
+    batch = TelemetryBatch(device_id="pg-a", records=tuple(
+        Record(seq=1, kind=METRICS_KIND, at=NOW, body=b) for b in metrics.flush(NOW + 10)))
+    handle_message(fleet, device_topic("pg-a", "telemetry"), batch.to_bytes(), now=NOW + 10)
+    for device, counts in (("pg-a", [50, 50]), ("pg-b", [90, 10])):
+        body = {"version": 1, "model": model, "model_version": "1",
+                "window": {"start": 0.0, "end": 1.0, "predictions": 100},
+                "max_psi": 0.0 if counts[0] == 50 else 0.5,
+                "inputs": {"x": {"kind": "tabular", "features": [
+                    {"feature": 0, "psi": 0.0 if counts[0] == 50 else 0.5, "js": 0.1,
+                     "samples": 100, "counts": counts}]}}}
+        drift = DriftBatch(device_id=device, records=(
+            Record(seq=1, kind=DRIFT_SUMMARY_KIND, at=NOW, body=body),))
+        handle_message(fleet, device_topic(device, "drift"), drift.to_bytes(), now=NOW + 20)
+    rng = TimeRange.make(NOW + 60, bucket_s=60)
+
+    view = model_view(fleet, model, rng)
+    assert (view["totals"]["requests"], view["totals"]["errors"]) == (4, 1)
+    # p50: rank 1.5 of 3 in the (2, 5] bucket holding two, from the smallest seen (3): 4.5
+    assert view["totals"]["p50_ms"] == 4.5 and view["totals"]["max_psi"] == 0.5
+    drift_out = drift_view(fleet, model, rng)
+    assert {d["device"]: d["latest_max_psi"] for d in drift_out["devices"]} == {
+        "pg-a": 0.0, "pg-b": 0.5}
+    dist = distribution_view(fleet, model, rng, version="1")
+    assert (dist["live_counts"], dist["reference"]) == ([140, 60], [0.5, 0.5])
+
+    [fired] = evaluate_alerts(fleet, now=NOW + 60)
+    assert (fired.after, fired.webhook) == ("firing", True)
+    sender = WebhookSender(fleet.engine, clock=lambda: NOW + 60, max_attempts=1)
+    try:
+        assert sender.deliver_due() == 0  # nothing listens on port 9: failed, recorded
+    finally:
+        sender.stop()
+    with atomic(fleet.engine) as conn:
+        [alert], _ = list_alerts(conn, limit=10)
+        hook = conn.execute(select(tables.alert_webhooks)).one()
+        tried = conn.execute(select(tables.webhook_attempts)).all()
+    assert (alert["rule_id"], alert["state"], alert["devices"][0]["device"]) == (
+        rule["id"], "firing", "pg-b")
+    assert (hook.status, hook.attempts, len(tried)) == ("failed", 1, 1)
+    assert tried[0].status_code is None and tried[0].error
+    fleet.engine.dispose()

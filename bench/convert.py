@@ -20,7 +20,15 @@ What it does:
    top-1 accuracy of both on the held-out eval split;
 4. rebuilds every candidate precision of one profile (``--candidates-profile``, default rpi4)
    and measures them all the same way, next to the converter's verdict on each;
-5. prints each goal as PASS or MISS. The goals are reported, never asserted.
+5. prints each goal as PASS or MISS. The goals are reported, never asserted;
+6. for the TFLite profile (``--tflite-profile``, default rpi4-tflite; skipped with a note when
+   the converter environment is missing: ``model_tools setup tflite``), converts each model
+   with :func:`model_tools.pipeline.convert`, then builds every variant again with
+   :func:`model_tools.tflite.build.build_tflite` and measures each ``.tflite`` in ai-edge-litert
+   the same way, interleaved with the fp32 ONNX source in onnxruntime (the peer) and the fp32
+   ``.tflite``, all on one thread as the converter times ``.tflite`` files
+   (:data:`model_tools.pipeline.TFLITE_HOST_THREADS`): size, p50/p95, top-1 agreement with the
+   source, accuracy, the runtime it needs, and the converter's verdict.
 
 Two extra sessions run in every interleaved measurement: a second session of the same fp32
 file (``A/A``: its p50 ratio against the first is the run's noise) and an ``Identity`` model
@@ -48,11 +56,16 @@ from typing import Any
 import numpy as np
 
 from model_tools import evaluate
-from model_tools.errors import ModelToolsError, ValidationRejected
+from model_tools.errors import ConverterEnvError, ModelToolsError, ValidationRejected
 from model_tools.examples.digits import ExampleModel, train_digits_cnn, train_digits_mlp
-from model_tools.pipeline import ConvertRequest, convert
+from model_tools.onnx_io import load_model, save_model
+from model_tools.pipeline import TFLITE_HOST_THREADS, ConvertRequest, convert
 from model_tools.profiles import DeviceProfile, all_profiles
 from model_tools.quantize import build_variant
+from model_tools.tflite.build import build_tflite
+from model_tools.tflite.env import ConverterEnv, find_env, resolve_location
+from model_tools.tflite.graph import cut_for_tflite
+from model_tools.tflite.run import TFLiteSession, read_metadata
 
 __all__ = ["GOAL_MAX_DROP_POINTS", "GOAL_SIZE_RATIO", "NOISE_BAND", "main"]
 
@@ -212,7 +225,8 @@ def machine_info() -> dict[str, str]:
         "os": f"{platform.system()} {platform.release()} {platform.machine()}",
         "python": platform.python_version(),
     }
-    for dist in ("onnxruntime", "onnx", "numpy", "scikit-learn", "skl2onnx", "torch"):
+    for dist in ("onnxruntime", "ai-edge-litert", "onnx", "numpy", "scikit-learn", "skl2onnx",
+                 "torch"):
         try:
             info[dist] = version(dist)
         except PackageNotFoundError:
@@ -269,10 +283,17 @@ def time_against_fp32(source: Path, floor: Path, others: Mapping[str, Path], thr
     percentile is the mean of the two passes: a session's place in the round (whose cache
     and thread pool it follows) then favours none of them.
     """
+    return time_sessions(source, floor, {k: evaluate.open_session(p, threads)
+                                         for k, p in others.items()}, threads, inputs, runs)
+
+
+def time_sessions(source: Path, floor: Path, others: Mapping[str, Any], threads: int,
+                  inputs: Mapping[str, np.ndarray], runs: int) -> Timing:
+    """:func:`time_against_fp32` for sessions already open (e.g. ``.tflite`` ones)."""
     sessions = {"floor": evaluate.open_session(floor, threads),
                 "fp32": evaluate.open_session(source, threads)}
     # others are keyed apart: a candidate may itself be called "fp32"
-    sessions.update({f"other:{k}": evaluate.open_session(p, threads) for k, p in others.items()})
+    sessions.update({f"other:{k}": sess for k, sess in others.items()})
     sessions["fp32 A/A"] = evaluate.open_session(source, threads)
     passes = [evaluate.measure_latency(order, inputs, runs=runs, warmup=WARMUP)
               for order in (sessions, dict(reversed(sessions.items())))]
@@ -379,6 +400,70 @@ def candidates_table(model: ExampleModel, profile: DeviceProfile, report: Mappin
     return note + "\n\n" + render(headers, body, markdown)
 
 
+def tflite_table(model: ExampleModel, profile: DeviceProfile, env: ConverterEnv, out: Path,
+                 floor: Path, runs: int, fp32_acc: float, markdown: bool, log: Any) -> str:
+    """Convert for a TFLite ``profile``, rebuild every variant, time them all interleaved."""
+    bundle = out / "bundles" / model.name / profile.name
+    started = time.perf_counter()
+    try:
+        report = convert(ConvertRequest(model=model.onnx_path, profile=profile, out=bundle,
+                                        calibration=model.calibration_path,
+                                        eval=model.eval_path, name=model.name, force=True,
+                                        tflite_env=env.root)).report
+    except ValidationRejected as exc:
+        report = exc.report
+    log(f"  {profile.name}: converter chose {report['chosen']} "
+        f"({time.perf_counter() - started:.1f} s); rebuilding every variant")
+    work = out / "candidates" / model.name / profile.name
+    work.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model.onnx_path, prepare=cut_for_tflite)
+    source = work / "source.onnx"
+    save_model(loaded.model, source)
+    built = build_tflite(env, source, work, profile.allowed_precisions, inputs=loaded.inputs,
+                         outputs=loaded.outputs, calibration=load_calibration(model))
+    sessions: dict[str, TFLiteSession] = {}
+    for precision, variant in built.variants.items():
+        if variant.path is None:
+            log(f"  {precision}: not built: {variant.error}")
+            continue
+        sessions[precision] = TFLiteSession(variant.path, TFLITE_HOST_THREADS, loaded.inputs,
+                                            loaded.outputs, built.input_names)
+    inputs, labels = load_eval(model)
+    timing = time_sessions(model.onnx_path, floor, sessions, TFLITE_HOST_THREADS, inputs, runs)
+    scores = next(s.name for s in loaded.outputs if s.name == "probabilities")
+    src_top = evaluate.run_all(evaluate.open_session(source, profile.threads),
+                               inputs)[scores].argmax(axis=1)
+    verdicts = {c["precision"]: c for c in report["candidates"]}
+    fp32_bytes = model.onnx_path.stat().st_size
+    tfl32 = timing.other["fp32"][0] if "fp32" in timing.other else None
+    headers = ["candidate", "size KiB", "x smaller", "p50 us", "p50 ratio",
+               "p50 / fp32 .tflite", "p95 us", "top-1 agreement", "accuracy %", "delta pts",
+               "needs TFLite", "converter verdict"]
+    body: list[list[str]] = [[f"fp32 ONNX source (onnxruntime, {TFLITE_HOST_THREADS} thread)",
+                              kib(fp32_bytes), "1.00",
+                              us(timing.fp32_p50), "1.00", "-", us(timing.fp32_p95), "1.0000",
+                              f"{fp32_acc * 100:.2f}", "+0.00", "-", "(peer)"]]
+    for precision, sess in sessions.items():
+        p50, p95 = timing.other[precision]
+        top = evaluate.run_all(sess, inputs)[scores].argmax(axis=1)
+        acc = float((top == labels).mean())
+        v = verdicts.get(precision, {})
+        verdict = ("chosen" if v.get("chosen") else "passed, not chosen" if v.get("ok")
+                   else "refused: " + "; ".join(v.get("reasons", ["not in report"])))
+        size = sess.path.stat().st_size
+        body.append([f"{precision} .tflite", kib(size), f"{fp32_bytes / size:.2f}", us(p50),
+                     f"{p50 / timing.fp32_p50:.2f}",
+                     f"{p50 / tfl32:.2f}" if tfl32 else "-", us(p95),
+                     f"{float((top == src_top).mean()):.4f}", f"{acc * 100:.2f}",
+                     f"{(acc - fp32_acc) * 100:+.2f}",
+                     read_metadata(sess.path).get("min_runtime_version", "?"), verdict])
+    note = (f"{profile.name} (ai-edge-litert), {TFLITE_HOST_THREADS} thread (as the converter "
+            f"times .tflite files; the device uses {profile.threads}), {timing.runs} "
+            f"interleaved runs; floor p50 {us(timing.floor_p50)} us, A/A p50 ratio "
+            f"{timing.aa_ratio:.2f}; profile's runtime: TFLite >= {profile.min_runtime_version}")
+    return note + "\n\n" + render(headers, body, markdown)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/convert.py",
@@ -394,6 +479,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="work directory for models and bundles (default bench/out)")
     p.add_argument("--candidates-profile", default="rpi4",
                    help="profile whose candidates are all rebuilt and timed (default rpi4)")
+    p.add_argument("--tflite-profile", default="rpi4-tflite",
+                   help="TFLite profile whose variants are all built and timed (default "
+                        "rpi4-tflite; 'none' skips TFLite)")
+    p.add_argument("--tflite-env", type=Path, default=None,
+                   help="the TFLite converter environment (default: model_tools's own)")
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error(f"--runs must be >= 1, got {args.runs}")
@@ -414,7 +504,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     info = machine_info()
-    profiles = {n: p for n, p in all_profiles().items() if p.runtime == "onnxruntime"}
+    everything = all_profiles()
+    profiles = {n: p for n, p in everything.items() if p.runtime == "onnxruntime"}
+    tflite = {n: p for n, p in everything.items() if p.runtime == "tflite"}
+    if args.tflite_profile not in (*tflite, "none"):
+        log(f"error: --tflite-profile {args.tflite_profile!r} is not a TFLite profile; valid: "
+            f"{', '.join(sorted(tflite))}, none")
+        return 2
     if args.candidates_profile not in profiles:
         log(f"error: --candidates-profile {args.candidates_profile!r} is not an onnxruntime "
             f"profile; valid: {', '.join(sorted(profiles))}")
@@ -465,9 +561,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     heading(f"All candidates on {args.candidates_profile}")
     print("\n\n".join(candidate_tables))
+    if args.tflite_profile != "none":
+        tflite_section(tflite[args.tflite_profile], args, models, out, md, log, heading)
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"total time {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def tflite_section(profile: DeviceProfile, args: argparse.Namespace,
+                   models: Sequence[ExampleModel], out: Path, md: bool, log: Any,
+                   heading: Any) -> None:
+    """Every TFLite variant of each model on ``profile`` (see the module docstring)."""
+    heading(f"All TFLite variants on {profile.name}")
+    try:
+        env = find_env(resolve_location(args.tflite_env))
+    except ConverterEnvError as exc:
+        print(f"skipped: {exc}")
+        return
+    for model in models:
+        inputs, labels = load_eval(model)
+        sample_shape = tuple(int(d) for d in inputs[model.input_name].shape[1:])
+        floor = write_floor_model(out / "models" / f"{model.name}.floor.onnx",
+                                  model.input_name, sample_shape)
+        fp32_acc = accuracy(evaluate.open_session(model.onnx_path, 1), inputs, labels)
+        log(f"{model.name}: TFLite variants for {profile.name}")
+        print(f"{model.name}: " + tflite_table(model, profile, env, out, floor, args.runs,
+                                                fp32_acc, md, log) + "\n")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ def profile_dir_option(fn: F) -> F:
                              "(default: the shipped device_profiles/).")(fn)
 
 
+def tflite_env_option(fn: F) -> F:
+    """Shared option: where the isolated TFLite converter environment lives."""
+    return click.option("--tflite-env", type=click.Path(file_okay=False, path_type=Path),
+                        envvar="EDGEFLEET_TFLITE_ENV", default=None,
+                        help="The TFLite converter environment (default: "
+                             "$XDG_CACHE_HOME/edgefleet/tflite-env-<digest of its pins>).")(fn)
+
+
 def _fail(exc: ModelToolsError) -> None:
     click.echo(f"error: {exc}", err=True)
     for note in getattr(exc, "__notes__", []):
@@ -73,6 +81,7 @@ def cli() -> None:
       model_tools convert model.onnx --profile rpi4 --out bundles/rpi4 \\
           --calibration cal.npz --eval eval.npz --name digits --version 1.0.0
       model_tools inspect bundles/rpi4
+      model_tools setup tflite      # once, before converting for a tflite profile
     """
 
 
@@ -95,17 +104,23 @@ def cli() -> None:
 @click.option("--latency-runs", default=300, show_default=True, type=click.IntRange(10, 100000),
               help="Timed single-sample runs per candidate.")
 @profile_dir_option
+@tflite_env_option
 @json_option
 def convert(model: Path, profile_name: str, out: Path, calibration: Path | None,
             eval_path: Path | None, name: str | None, model_version: str,
             precision: str | None, force: bool, latency_runs: int,
-            profiles_dir: Path | None, as_json: bool) -> None:
+            profiles_dir: Path | None, tflite_env: Path | None, as_json: bool) -> None:
     """Quantize/convert MODEL.onnx for a device profile, validate it, write a bundle.
+
+    Profiles whose runtime is tflite build .tflite files with TensorFlow and onnx2tf, which
+    run in their own environment: create it once with `model_tools setup tflite`.
 
     \b
     Example:
       model_tools convert mlp.onnx --profile rpi-zero2w --out out/zero \\
           --calibration cal.npz --eval eval.npz --version 1.2.0
+      model_tools convert cnn.onnx --profile rpi4-tflite --out out/rpi4-tflite \\
+          --calibration cal.npz --eval eval.npz
     """
     from model_tools.pipeline import ConvertRequest
     from model_tools.pipeline import convert as run_convert
@@ -117,7 +132,7 @@ def convert(model: Path, profile_name: str, out: Path, calibration: Path | None,
         request = ConvertRequest(model=model, profile=profile, out=out,
                                  calibration=calibration, eval=eval_path, name=name,
                                  version=model_version, precision=precision, force=force,
-                                 latency_runs=latency_runs)
+                                 latency_runs=latency_runs, tflite_env=tflite_env)
         with Reporter(quiet=False) as reporter:
             result = run_convert(request, progress=reporter.step)
     except ValidationRejected as exc:
@@ -136,6 +151,42 @@ def convert(model: Path, profile_name: str, out: Path, calibration: Path | None,
     candidates_table(result.report)
     for line in summary_lines(result.manifest, result.bundle):
         click.echo(line)
+
+
+@cli.command(context_settings=CONTEXT, epilog=EXIT_CODES)
+@click.argument("what", type=click.Choice(["tflite"]))
+@click.option("--force", is_flag=True,
+              help="Rebuild even if a complete environment is there (it is replaced only once "
+                   "the new one is complete).")
+@tflite_env_option
+@json_option
+def setup(what: str, force: bool, tflite_env: Path | None, as_json: bool) -> None:
+    """Create the isolated environment a conversion needs (WHAT: tflite).
+
+    TFLite conversion runs TensorFlow and onnx2tf, which conflict with this package's own
+    dependencies, so they live in a venv of their own (pinned versions, built once with pip:
+    about 600 MB to download, 2.3 GB on disk, a minute or two). Default location:
+    $XDG_CACHE_HOME/edgefleet/tflite-env-<digest of the pins>. An environment that is already
+    complete is left alone.
+
+    \b
+    Example:
+      model_tools setup tflite
+      model_tools setup tflite --tflite-env /opt/edgefleet/tflite-env
+    """
+    from model_tools.tflite.env import create_env, resolve_location
+
+    location = resolve_location(tflite_env)
+    try:
+        env = create_env(location, force=force, progress=lambda m: click.echo(m, err=True))
+    except ModelToolsError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps({"what": what, "location": str(env.root),
+                               "python": str(env.python), "pins": list(env.pins)}, indent=1))
+        return
+    click.echo(f"{what} converter environment: {env.root}")
 
 
 @cli.command(context_settings=CONTEXT, epilog=EXIT_CODES)

@@ -9,12 +9,15 @@
     │   ├── ProfileNotFound          unknown profile name (lists the valid ones)
     │   └── OutputDirError           output directory not empty (use --force)
     ├── ConversionError              a quantizer/converter step failed on a valid model
+    ├── ConverterEnvError            the isolated TFLite converter environment is missing,
+    │                                stale or broken (the message gives the command to fix it)
     ├── ValidationRejected           the artifact breaks the profile (exit code 3); the
     │                                report is still written next to the refused bundle
     └── BundleError                  a bundle on disk is not what its manifest says
 
-Third-party exceptions (onnx, onnxruntime, numpy) are translated inside the adapter that calls
-them, with ``raise ... from exc``, and never cross this package's boundary.
+Third-party exceptions (onnx, onnxruntime, ai-edge-litert, numpy, and the pip and converter
+subprocesses) are translated inside the adapter that calls them, with ``raise ... from exc``,
+and never cross this package's boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 __all__ = [
     "BundleError",
     "ConversionError",
+    "ConverterEnvError",
     "DataError",
     "InputError",
     "ModelLoadError",
@@ -62,6 +66,10 @@ class OutputDirError(InputError):
 
 class ConversionError(ModelToolsError):
     """A conversion or quantization step failed on a valid model."""
+
+
+class ConverterEnvError(ModelToolsError):
+    """The TFLite converter environment cannot be used; the message says how to (re)create it."""
 
 
 class ValidationRejected(ModelToolsError):

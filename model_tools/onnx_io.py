@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from onnx import ModelProto, TensorProto
 from agent.protocol.manifest import TensorSpec
 from model_tools.errors import ConversionError, ModelLoadError
 
-__all__ = ["ONNX_DTYPES", "LoadedModel", "load_model", "save_model", "tensor_specs"]
+__all__ = ["ONNX_DTYPES", "LoadedModel", "Prepare", "load_model", "save_model", "tensor_specs"]
 
 # protobuf refuses single messages over 2 GiB; a one-file artifact must stay below it
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -35,6 +36,10 @@ ONNX_DTYPES: dict[int, str] = {
 }
 
 
+#: rewrites a raw graph before it is checked (model, file name) -> (model, what it changed)
+Prepare = Callable[[ModelProto, str], tuple[ModelProto, tuple[str, ...]]]
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A checked model, with external data (if any) inlined."""
@@ -44,6 +49,7 @@ class LoadedModel:
     outputs: tuple[TensorSpec, ...]
     had_external_data: bool
     opset: int
+    prepared: tuple[str, ...] = ()  # what ``prepare`` changed, one note each
 
 
 def _uses_external_data(model: ModelProto) -> bool:
@@ -65,8 +71,12 @@ def _check_external_files(model: ModelProto, path: Path) -> None:
                 "exist; keep the weights file beside the model or save the model as one file")
 
 
-def load_model(path: Path) -> LoadedModel:
+def load_model(path: Path, prepare: Prepare | None = None) -> LoadedModel:
     """Read, check and shape-infer an ONNX model; inline its external data.
+
+    ``prepare`` (e.g. :func:`model_tools.tflite.graph.cut_for_tflite`) rewrites the graph after
+    its external data is inlined and before it is checked, so the checks see what will be
+    converted.
 
     Raises:
         ModelLoadError: missing file, not ONNX, truncated, invalid graph, missing external data,
@@ -101,6 +111,9 @@ def load_model(path: Path) -> LoadedModel:
         for init in raw.graph.initializer:
             init.data_location = TensorProto.DEFAULT
             del init.external_data[:]
+    prepared: tuple[str, ...] = ()
+    if prepare is not None:
+        raw, prepared = prepare(raw, path.name)
     try:
         onnx.checker.check_model(raw, full_check=False)
         inferred = onnx.shape_inference.infer_shapes(raw, check_type=True, strict_mode=True)
@@ -113,7 +126,7 @@ def load_model(path: Path) -> LoadedModel:
     opset = max((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")),
                 default=0)
     return LoadedModel(model=inferred, inputs=inputs, outputs=outputs,
-                       had_external_data=external, opset=opset)
+                       had_external_data=external, opset=opset, prepared=prepared)
 
 
 def tensor_specs(model: ModelProto, label: str = "model") -> tuple[

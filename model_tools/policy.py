@@ -18,6 +18,15 @@ say exactly why something was refused:
 - ``latency_budget``: p95 on the build host <= the profile's ``latency_budget_ms``. The build
   host is faster than the device, so this is necessary, not sufficient: the device's health
   check measures the real thing.
+- ``min_runtime_version``: the oldest runtime that runs the artifact (TFLite records it from
+  its op versions) <= the profile's ``min_runtime_version``, the oldest runtime its devices
+  have. Older runtimes reject newer op versions (tflite-runtime 2.14 refuses TF 2.21's
+  dynamic-range ``FULLY_CONNECTED`` v12, which needs 2.17), so such an artifact must be refused
+  here, not on the device. Skipped when either side does not say.
+
+The latency gate's reference is the model every candidate competes with in the *same* runtime:
+the ONNX source in onnxruntime for onnxruntime profiles, the fp32 ``.tflite`` in ai-edge-litert
+for TFLite profiles (:attr:`LatencyGate.reference` names it).
 
 The winner is the smallest passing candidate (ties: the faster one). No winner -> rejected.
 """
@@ -40,6 +49,7 @@ __all__ = [
     "LatencyGate",
     "Measured",
     "decide",
+    "version_key",
 ]
 
 #: the gate never claims a finer resolution than this, whatever the A/A run says
@@ -54,9 +64,10 @@ FIXED_MAX_SLOWDOWN = 1.5
 class LatencyGate:
     """How much slower than the fp32 source a candidate may run on this host."""
 
-    source_p50_ms: float
-    noise: float  # |p50(source, session B) / p50(source, session A) - 1|, same run
+    source_p50_ms: float  # p50 of the reference model (see ``reference``) on this host
+    noise: float  # |p50(reference, session B) / p50(reference, session A) - 1|, same run
     auto: bool  # True: choosing among candidates; False: the profile demands one precision
+    reference: str = "source"  # what the candidates are timed against
 
     @property
     def ratio(self) -> float:
@@ -68,7 +79,8 @@ class LatencyGate:
         return self.source_p50_ms * self.ratio + LATENCY_SLACK_MS
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source_p50_ms": self.source_p50_ms, "noise": self.noise,
+        return {"source_p50_ms": self.source_p50_ms, "reference": self.reference,
+                "noise": self.noise,
                 "mode": "auto" if self.auto else "fixed", "ratio": self.ratio,
                 "slack_ms": LATENCY_SLACK_MS, "limit_ms": self.limit_ms}
 
@@ -86,19 +98,37 @@ class Measured:
     p95_ms: float | None = None
     error: str | None = None
     notes: tuple[str, ...] = ()
+    min_runtime_version: str | None = None  # the oldest runtime that runs it, when known
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    limit: float
-    value: float
+    limit: float | str  # a version string for ``min_runtime_version``, else a number
+    value: float | str
     ok: bool
 
     def describe(self) -> str:
         op = {"size": "<=", "top1_agreement": ">=", "accuracy_drop": "<=",
-              "max_abs_error": "<=", "latency": "<=", "latency_budget": "<="}[self.name]
+              "max_abs_error": "<=", "latency": "<=", "latency_budget": "<=",
+              "min_runtime_version": "<="}[self.name]
+        if isinstance(self.value, str) or isinstance(self.limit, str):
+            return (f"{self.name} {self.value} (limit {op} {self.limit}: the runtime on the "
+                    "profile's devices)")
         return f"{self.name} {self.value:.6g} (limit {op} {self.limit:.6g})"
+
+
+def version_key(text: str) -> tuple[int, ...]:
+    """``"2.17.0"`` -> ``(2, 17, 0)``, padded to 3 parts; what the runtime check compares.
+
+    Raises:
+        ValueError: ``text`` does not start with a dotted number.
+    """
+    head = text.strip().split("-", 1)[0].split("+", 1)[0]
+    parts = head.split(".")
+    if not head or not all(p.isdigit() for p in parts):
+        raise ValueError(f"version {text!r}: expected dotted numbers such as 2.17.0")
+    return tuple(int(p) for p in parts) + (0,) * max(0, 3 - len(parts))
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,7 @@ class Judged:
             "chosen": chosen,
             "reasons": list(self.reasons),
             "notes": list(m.notes),
+            "min_runtime_version": m.min_runtime_version,
             "checks": [c.__dict__ for c in self.checks],
         }
 
@@ -162,6 +193,10 @@ def judge(m: Measured, profile: DeviceProfile, gate: LatencyGate | None) -> Judg
     if m.p95_ms is not None:
         budget = profile.latency_budget_ms
         checks.append(Check("latency_budget", budget, m.p95_ms, m.p95_ms <= budget))
+    if m.min_runtime_version is not None and profile.min_runtime_version is not None:
+        have = profile.min_runtime_version
+        checks.append(Check("min_runtime_version", have, m.min_runtime_version,
+                            version_key(m.min_runtime_version) <= version_key(have)))
     failed = tuple(c.describe() for c in checks if not c.ok)
     return Judged(m, tuple(checks), not failed, failed)
 

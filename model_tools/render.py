@@ -130,7 +130,8 @@ def inspect_lines(checked: Any) -> Iterator[str]:
     v = m.validation
     yield f"bundle     {checked.source}"
     yield f"model      {m.name} {m.version} ({m.task})"
-    yield f"profile    {m.profile}  runtime {m.runtime}  precision {m.precision}"
+    needs = f" (needs >= {m.min_runtime_version})" if m.min_runtime_version else ""
+    yield f"profile    {m.profile}  runtime {m.runtime}{needs}  precision {m.precision}"
     yield (f"file       {m.file.path}  {m.file.length:,} bytes  sha256 {m.file.sha256}  "
            "[verified]")
     for s in m.inputs:

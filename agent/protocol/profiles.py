@@ -8,6 +8,7 @@ latency budget and runs with its providers and threads. Pure: stdlib ``tomllib``
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ _KNOWN_PROVIDERS = (
     "ArmNNExecutionProvider",
     "ACLExecutionProvider",
 )
+_VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
 _FIELDS = {
     "name", "description", "arch", "memory_mb", "runtime", "execution_providers", "precision",
     "allowed_precisions", "max_artifact_bytes", "latency_budget_ms", "threads", "accelerator",
@@ -84,6 +86,9 @@ class DeviceProfile:
     threads: int  # intra-op threads for the runtime
     tolerances: Tolerances
     accelerator: str | None = None  # e.g. "cuda"; None = CPU only
+    # the oldest runtime the class's devices have, on the line the runtime's artifacts state
+    # their own minimum on (TFLite: TensorFlow's release line, as TFLiteConverter writes it);
+    # None: not stated, so not checked
     min_runtime_version: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
@@ -169,6 +174,11 @@ def parse_profile(data: Mapping[str, Any], source: str = "<memory>") -> DevicePr
     accelerator = d.get("accelerator")
     if accelerator is not None and not isinstance(accelerator, str):
         raise ProfileError(source, "accelerator", "a string", accelerator)
+    min_runtime = d.get("min_runtime_version")
+    if min_runtime is not None and (not isinstance(min_runtime, str)
+                                    or not _VERSION.fullmatch(min_runtime)):
+        raise ProfileError(source, "min_runtime_version",
+                           "a version of dotted numbers such as \"2.14.0\"", min_runtime)
     return DeviceProfile(
         name=name,
         description=str(d.get("description", "")),
@@ -183,7 +193,7 @@ def parse_profile(data: Mapping[str, Any], source: str = "<memory>") -> DevicePr
         threads=threads,
         tolerances=Tolerances(**values),
         accelerator=accelerator,
-        min_runtime_version=d.get("min_runtime_version"),
+        min_runtime_version=min_runtime,
     )
 
 

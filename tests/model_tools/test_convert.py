@@ -1,4 +1,5 @@
-"""Real models, every CPU profile: the bundle is accepted, small, accurate and self-checking.
+"""Real models, every CPU onnxruntime profile: the bundle is accepted, small, accurate and
+self-checking (TFLite profiles: test_tflite_convert.py).
 
 Accuracy is re-measured here independently of the converter's own report: the bundle's model
 file runs in a fresh onnxruntime session on the held-out split.
@@ -23,7 +24,8 @@ from model_tools.profiles import all_profiles, get_profile
 
 pytestmark = pytest.mark.slow
 
-CPU_PROFILES = sorted(n for n, p in all_profiles().items() if p.is_cpu_only)
+CPU_PROFILES = sorted(n for n, p in all_profiles().items()
+                      if p.is_cpu_only and p.runtime == "onnxruntime")
 MODELS = ["digits_mlp", "digits_cnn"]
 _cache: dict[tuple[str, str], ConvertResult] = {}
 

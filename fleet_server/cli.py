@@ -261,9 +261,14 @@ def init(data_dir: Path, as_json: bool) -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help="uvicorn's log level.")
+@click.option("--maintenance-interval", "maintenance_s", default=30.0, show_default=True,
+              type=click.FloatRange(min=0.5), metavar="SECONDS",
+              help="Seconds between maintenance passes: timestamp re-signing, desired states "
+                   "near expiry, alert rules (an alert changes state at most this late).")
 def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | None,
           mqtt_url: str | None, mqtt_host: str | None, mqtt_port: int | None,
-          mqtt_public_url: str | None, environment: str | None, log_level: str) -> None:
+          mqtt_public_url: str | None, environment: str | None, log_level: str,
+          maintenance_s: float) -> None:
     """Run the fleet server (admin API, TUF repository) on uvicorn until interrupted.
 
     Every option can also come from the environment as EDGEFLEET_<OPTION> (for example
@@ -298,7 +303,7 @@ def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | 
         app = create_app(settings)
         from fleet_server.runtime import attach_mqtt
 
-        attach_mqtt(app)
+        attach_mqtt(app, maintenance_interval_s=maintenance_s)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
 
 

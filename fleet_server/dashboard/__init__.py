@@ -8,11 +8,14 @@ device or an operator could have stored.
 - :mod:`~fleet_server.dashboard.pages`: routes, sign-in/sign-out, scope checks (the API's).
 - :mod:`~fleet_server.dashboard.sessions`: server-side sessions behind an HttpOnly cookie.
 - :mod:`~fleet_server.dashboard.views`: what each page shows, read with the API's functions.
+- :mod:`~fleet_server.dashboard.health`: the model-health pages (models, drift, alerts), read
+  with :mod:`fleet_server.monitoring`, as ``/v1/monitoring/...`` and ``/v1/alerts`` are.
 - :mod:`~fleet_server.dashboard.charts`: pure SVG charts (line with threshold, grouped bars).
 - :mod:`~fleet_server.dashboard.render`: Jinja2 templates (package data) and page headers.
 
 Pages: ``/ui/login``, ``/ui/`` (overview), ``/ui/devices``, ``/ui/devices/{id}``,
-``/ui/rollouts``, ``/ui/rollouts/{id}``, ``/ui/audit`` (admin). ``mount`` adds them to an app
+``/ui/rollouts``, ``/ui/rollouts/{id}``, ``/ui/models``, ``/ui/models/{model}``,
+``/ui/alerts``, ``/ui/audit`` (admin). ``mount`` adds them to an app
 built by :func:`fleet_server.api.create_app`::
 
     app = create_app(settings)

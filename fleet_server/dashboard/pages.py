@@ -8,8 +8,12 @@ only a session cookie (HttpOnly, SameSite=Strict, Path=/ui, Secure behind HTTPS;
 token's sessions end at their next request.
 
 Scopes are the API's: every page needs ``reader``, except the audit log, which needs
-``admin`` like ``GET /v1/audit``. No page changes the fleet; the only forms are sign-in and
-sign-out, and they are refused when the browser says they come from another origin.
+``admin`` like ``GET /v1/audit``. The model-health pages (``/ui/models``,
+``/ui/models/{model}``, ``/ui/alerts``, a device's health) take their time range as
+``?since=`` (``1h``, ``6h``, ``24h``...; :func:`fleet_server.dashboard.health.parse_since`).
+No page changes the fleet: the only forms are sign-in and sign-out, which are refused when the
+browser says they come from another origin, and the model page's GET form that picks a
+feature.
 
 Handlers parse, read inside one transaction (:mod:`fleet_server.dashboard.views`) and render.
 A missing session is a 303 to the sign-in page (which comes back to the page asked for); a
@@ -23,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
 from fastapi import Path as PathParam
@@ -32,10 +36,11 @@ from sqlalchemy import Connection, select
 
 from fleet_server import auth
 from fleet_server.api.deps import MAX_INT64, FleetDep
-from fleet_server.dashboard import views
+from fleet_server.dashboard import health, views
 from fleet_server.dashboard.render import Renderer
 from fleet_server.dashboard.sessions import Session, SessionStore
 from fleet_server.db import atomic, tables
+from fleet_server.db.engine import reading
 from fleet_server.errors import FleetError, Forbidden, Unauthenticated
 from fleet_server.fleet import Fleet
 
@@ -173,17 +178,30 @@ class _RequireViewer:
 ReaderView = Annotated[Viewer, Depends(_RequireViewer("reader"))]
 AdminView = Annotated[Viewer, Depends(_RequireViewer("admin"))]
 PageQuery = Annotated[int, Query(ge=1, le=MAX_INT64, description="1-based page")]
+SinceQuery = Annotated[str | None, Query(max_length=20, description="a duration: 1h, 6h...")]
+NameQuery = Annotated[str | None, Query(max_length=200)]
 
 
 @contextmanager
 def _reading(fleet: Fleet, who: Viewer) -> Iterator[Connection]:
-    """One read transaction; a FleetError becomes an HTML error page with its status."""
+    """One read transaction; a FleetError becomes an HTML error page with its status.
+
+    The monitoring views called inside it open their own read-only snapshots.
+    """
     try:
-        with atomic(fleet.engine) as conn:
+        with reading(fleet.engine) as conn:
             yield conn
     except FleetError as exc:
         if exc.status_code >= 500:
             log.error("dashboard page failed: %s", exc, exc_info=exc)
+        raise _PageError(exc.status_code, str(exc), who, who.now) from exc
+
+
+def _span(who: Viewer, since: str | None) -> health.Span:
+    """The page's time range; a bad ``?since=`` is an error page (422)."""
+    try:
+        return health.parse_since(since, who.now)
+    except FleetError as exc:
         raise _PageError(exc.status_code, str(exc), who, who.now) from exc
 
 
@@ -251,6 +269,42 @@ def overview_page(who: ReaderView, fleet: FleetDep, dash: DashboardDep) -> Respo
                               data=data)
 
 
+@router.get("/models")
+def models_page(who: ReaderView, fleet: FleetDep, dash: DashboardDep,
+                since: SinceQuery = None) -> Response:
+    span = _span(who, since)
+    with _reading(fleet, who) as conn:
+        data = health.models_page(fleet, conn, span)
+    return dash.renderer.page("models.html", viewer=who, now=who.now, nav="models",
+                              data=data,
+                              spans=[(t, health.href("/ui/models", since=t))
+                                     for t in health.SPANS])
+
+
+@router.get("/models/{model:path}")
+def model_page(who: ReaderView, fleet: FleetDep, dash: DashboardDep,
+               model: Annotated[str, PathParam(max_length=200)],
+               since: SinceQuery = None, device: NameQuery = None, version: NameQuery = None,
+               input: NameQuery = None,
+               feature: Annotated[int | None, Query(ge=0, le=1 << 31)] = None) -> Response:
+    span = _span(who, since)
+    with _reading(fleet, who) as conn:
+        data = health.model_page(fleet, conn, model, span, device=device or None,
+                                 version=version or None, input_name=input or None,
+                                 feature=feature)
+    return dash.renderer.page("model.html", viewer=who, now=who.now, nav="models", m=data,
+                              spans=[(t, data.link(since=t)) for t in health.SPANS])
+
+
+@router.get("/alerts")
+def alerts_page(who: ReaderView, fleet: FleetDep, dash: DashboardDep,
+                page: PageQuery = 1) -> Response:
+    with _reading(fleet, who) as conn:
+        data = health.alerts_page(conn, page=page, per_page=dash.page_size)
+    return dash.renderer.page("alerts.html", viewer=who, now=who.now, nav="alerts", data=data,
+                              paging=views.Paging(page, dash.page_size, data.resolved_total))
+
+
 @router.get("/devices")
 def devices_page(who: ReaderView, fleet: FleetDep, dash: DashboardDep,
                  page: PageQuery = 1) -> Response:
@@ -262,11 +316,16 @@ def devices_page(who: ReaderView, fleet: FleetDep, dash: DashboardDep,
 
 @router.get("/devices/{device_id}")
 def device_page(who: ReaderView, fleet: FleetDep, dash: DashboardDep,
-                device_id: Annotated[str, PathParam(max_length=200)]) -> Response:
+                device_id: Annotated[str, PathParam(max_length=200)],
+                since: SinceQuery = None) -> Response:
+    span = _span(who, since)
     with _reading(fleet, who) as conn:
         row, full = views.device_detail(conn, device_id)
+        seen = health.device_health(fleet, device_id, span)
     return dash.renderer.page("device.html", viewer=who, now=who.now, nav="devices", row=row,
-                              full=full)
+                              full=full, health=seen,
+                              spans=[(t, health.href(f"/ui/devices/{quote(device_id, safe='')}",
+                                                     since=t)) for t in health.SPANS])
 
 
 @router.get("/rollouts")

@@ -23,6 +23,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from starlette.responses import HTMLResponse
 
+from fleet_server.dashboard.health import model_path
+
 __all__ = ["Renderer", "ago", "fmt_number", "fmt_time"]
 
 
@@ -66,7 +68,8 @@ class Renderer:
         self.env = Environment(loader=PackageLoader("fleet_server.dashboard", "templates"),
                                autoescape=True, undefined=StrictUndefined, trim_blocks=True,
                                lstrip_blocks=True)
-        self.env.filters.update(ts=fmt_time, ago=ago, num=fmt_number, json=_compact_json)
+        self.env.filters.update(ts=fmt_time, ago=ago, num=fmt_number, json=_compact_json,
+                                model_path=model_path)
         css = (resources.files("fleet_server.dashboard") / "static" / "dashboard.css"
                ).read_text(encoding="utf-8")
         self.css = Markup(css)  # our own file: trusted, and pinned by its hash below

@@ -6,7 +6,8 @@ never disagree: devices from :mod:`fleet_server.registry.devices`, models from
 :mod:`fleet_server.deploy.rollouts`, the audit chain check from :mod:`fleet_server.audit`.
 What the API has no call for is queried here, read-only: the device counts of the overview,
 the audit log newest first (``GET /v1/audit`` pages oldest first), and each rollout's number of
-selected devices, which turns a wave's ``25%`` into a device count.
+selected devices, which turns a wave's ``25%`` into a device count. The model-health pages
+(models, drift, alerts, a device's health) are in :mod:`fleet_server.dashboard.health`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fleet_server.db import tables
 from fleet_server.deploy import rollouts
 from fleet_server.deploy.plan import Selector, targeted
 from fleet_server.deploy.views import load_artifacts, load_devices
+from fleet_server.monitoring import list_alerts
 from fleet_server.registry import devices, models
 from fleet_server.rollout import RolloutSpec
 from fleet_server.rollout.planner import ACTIVE
@@ -296,10 +298,12 @@ class Overview:
     active_deployments: int
     rollouts_by_status: dict[str, int]
     active_rollouts: list[RolloutView]
+    alerts: dict[str, int]  # firing, pending (totals of ``GET /v1/alerts?state=...``)
 
 
 def overview(conn: Connection) -> Overview:
-    """Device counts, model versions, deployments and the rollouts still in progress.
+    """Device counts, model versions, deployments, the rollouts still in progress and how
+    many alerts are firing and pending.
 
     Raises:
         StoreError: a stored rollout cannot be read.
@@ -320,7 +324,9 @@ def overview(conn: Connection) -> Overview:
         model_names=len({v["name"] for v in versions}), active_deployments=active,
         rollouts_by_status={s: by_status.get(s, 0) for s in (*ACTIVE, *sorted(
             set(by_status) - set(ACTIVE)))},
-        active_rollouts=[_rollout(selection, v) for v in running] if selection else [])
+        active_rollouts=[_rollout(selection, v) for v in running] if selection else [],
+        alerts={state: list_alerts(conn, state=state, limit=1)[1]
+                for state in ("firing", "pending")})
 
 
 # ------------------------------------------------------------------------------- audit

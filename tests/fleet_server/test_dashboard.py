@@ -28,11 +28,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from monitoring_helpers import (
+    PUBLISHER,
+    Digits,
+    Fleetlet,
+    metrics_body,
+    trained_digits,
+)
 from sqlalchemy import update
 
 from agent.protocol.messages import Reported, RunningModel, Status
@@ -52,15 +59,18 @@ from fleet_server.dashboard.charts import (
 from fleet_server.dashboard.sessions import SessionStore
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet, init_data_dir, open_fleet
+from fleet_server.monitoring import AlertRule, create_rule, evaluate_alerts
 from fleet_server.runtime import MqttRuntime
 from fleet_server.settings import Settings
+from model_tools.examples.digits import shifted
 
-START = 1_800_000_000
+START = 1_800_000_000  # monitoring_helpers' START too
 MODEL = "m"
 SVG = "{http://www.w3.org/2000/svg}"
 HOSTILE = "<script>alert('x')</script>"
 PAGES = ("/ui/", "/ui/devices", "/ui/devices/dev-0", "/ui/rollouts", "/ui/rollouts/2",
-         "/ui/audit")
+         "/ui/audit", "/ui/models", "/ui/models/m", "/ui/alerts")
+DEAD_BLOCK = {r * 8 + c for r in range(2, 6) for c in range(2, 6)}  # shifted(..., "dead")
 
 
 class Clock:
@@ -712,3 +722,310 @@ def test_time_ticks_fall_on_round_utc_times() -> None:
     steps = {b - a for a, b in itertools.pairwise(ticks)}
     assert steps == {1800.0}
     assert all(t % 1800 == 0 for t in ticks)
+
+
+# ------------------------------------------------------------------------------ model health
+@dataclass
+class Health:
+    """A fleet with real monitoring records (``monitoring_helpers``) served with the dashboard,
+    signed in as admin; its clock at ``START + 3600`` (the default range is the last hour)."""
+
+    f: Fleetlet
+    client: TestClient
+    admin: dict[str, str]
+
+    def api(self, url: str, **params: Any) -> Any:
+        r = self.client.get(url, params=params, headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def page(self, path: str, status: int = 200) -> ET.Element:
+        r = self.client.get(path, follow_redirects=False)
+        assert r.status_code == status, r.text[:2000]
+        return dom(r)
+
+
+HOUR_AGO = {"since": START + 3600 - 3600}  # the API's query for a page's default ?since=1h
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    return trained_digits()
+
+
+@pytest.fixture
+def health(tmp_path: Path, digits: Digits) -> Iterator[Health]:
+    """pi-1, pi-2, pi-3 (rpi4) and zero-1 (rpi-zero2w) run digits; pi-3 on 2.0.0. Everyone
+    serves calm digits; from 20 minutes in pi-2 serves digits with a dead centre block, and
+    a drift rule (PSI > 0.25) fires on it. pi-1 had an error burst; its error-rate alert
+    resolved. A p95 rule is pending on zero-1."""
+    f = Fleetlet(tmp_path, {"pi-1": "rpi4", "pi-2": "rpi4", "pi-3": "rpi4",
+                            "zero-1": "rpi-zero2w"}, digits.baseline)
+    for device, version in (("pi-1", "1.0.0"), ("pi-2", "1.0.0"), ("pi-3", "2.0.0"),
+                            ("zero-1", "1.0.0")):
+        f.running(device, version, at=START)
+    calm = digits.windows(digits.x_eval, window=180)
+    dead = digits.windows(shifted(digits.x_eval, "dead"), window=180)
+    calm2 = digits.windows(digits.x_eval, window=180, version="2.0.0")
+    with atomic(f.fleet.engine) as conn:
+        for rule in (AlertRule(0, "digits", "drift_psi", 0.25, window_s=600, min_samples=100),
+                     AlertRule(0, "digits", "error_rate", 0.05, window_s=600, min_samples=20),
+                     AlertRule(0, "digits", "p95_latency", 100.0, version="1.0.0",
+                               window_s=600, for_s=900, min_samples=10)):
+            create_rule(conn, rule, actor=PUBLISHER, now=START)
+    f.metrics("pi-1", [metrics_body([5.0] * 90, {"runtime": 10})], at=START + 300)
+    evaluate_alerts(f.fleet, now=START + 300)  # error rate fires on pi-1
+    for device in ("pi-1", "pi-2"):
+        f.drift(device, calm, at=START + 400)
+        f.metrics(device, [metrics_body([5.0] * 95 + [40.0] * 5)], at=START + 400)
+    f.drift("pi-3", calm2, at=START + 400)
+    f.metrics("pi-3", [metrics_body([8.0] * 60, version="2.0.0")], at=START + 400)
+    evaluate_alerts(f.fleet, now=START + 1000)  # pi-1's burst left the window: resolved
+    f.drift("pi-2", dead, at=START + 1300)
+    f.drift("pi-2", dead, at=START + 2500)
+    f.drift("pi-1", calm, at=START + 2500)
+    f.metrics("zero-1", [metrics_body([150.0] * 20)], at=START + 2500)
+    evaluate_alerts(f.fleet, now=START + 2600)  # drift fires on pi-2; p95 pending on zero-1
+    f.clock.now = START + 3600
+    app = create_app(f.settings, clock=f.clock, fleet=f.fleet)
+    mount(app, page_size=3)
+    with TestClient(app) as client:
+        r = client.post("/ui/login", data={"token": f.admin_token}, follow_redirects=False)
+        assert r.status_code == 303, r.text
+        yield Health(f, client, {"Authorization": f"Bearer {f.admin_token}"})
+    f.close()
+
+
+def _value(cell: ET.Element) -> float | None:
+    raw = cell.get("data-value")
+    assert raw is not None
+    return None if raw == "" else float(raw)
+
+
+FIGURES = ("requests", "errors", "running_devices", "reporting_devices")
+EXACT = ("error_rate", "p95_ms", "max_psi")
+
+
+def _row_figures(row: ET.Element, names: tuple[str, ...] = FIGURES,
+                 exact: tuple[str, ...] = EXACT) -> dict[str, Any]:
+    out: dict[str, Any] = {n: int(text(one(row, f"td[@data-field='{n}']"))) for n in names}
+    out.update({n: _value(one(row, f"td[@data-field='{n}']")) for n in exact})
+    return out
+
+
+def test_models_page_matches_the_api(health: Health) -> None:
+    api = health.api("/v1/monitoring/fleet", **HOUR_AGO)
+    firing = health.api("/v1/alerts", state="firing")["items"]
+    page = health.page("/ui/models")
+    rows = page.findall(".//table[@class='models-health']/tbody/tr")
+    expected = []
+    for m in api["models"]:
+        expected.append((m["model"], "", {k: m[k] for k in (*FIGURES, *EXACT)},
+                         sum(a["model"] == m["model"] for a in firing)))
+        for v in m["versions"]:
+            expected.append((m["model"], v["version"], {k: v[k] for k in (*FIGURES, *EXACT)},
+                             sum(a["model"] == m["model"] and a["rule"]["version"] in (
+                                 None, v["version"]) for a in firing)))
+    got = [(r.get("data-model"), r.get("data-version"), _row_figures(r),
+            int(text(one(r, "td[@data-field='firing']")))) for r in rows]
+    assert got == expected
+    # the story, as the API tells it: 1.0.0 on three devices, pi-2's drift firing
+    assert [(m, v, fig["running_devices"], n) for m, v, fig, n in got] == [
+        ("digits", "", 4, 1), ("digits", "1.0.0", 3, 1), ("digits", "2.0.0", 1, 1)]
+    assert got[1][2]["max_psi"] is not None and got[1][2]["max_psi"] > 0.25
+    assert [s.get("data-span") for s in page.findall(".//*[@data-span]")] == \
+        ["15m", "1h", "6h", "24h", "7d"]
+
+
+def test_model_page_health_tables_match_the_api(health: Health) -> None:
+    api = health.api("/v1/monitoring/models/digits", **HOUR_AGO)
+    page = health.page("/ui/models/digits")
+    assert text(one(page, ".//*[@data-field='total-requests']")) == \
+        str(api["totals"]["requests"])
+    assert _value(one(page, ".//*[@data-field='total-max-psi']")) == api["totals"]["max_psi"]
+    versions = page.findall(".//table[@class='versions-health']/tbody/tr")
+    assert [(r.get("data-version"), _row_figures(r)) for r in versions] == [
+        (v["version"], {k: v[k] for k in (*FIGURES, *EXACT)}) for v in api["versions"]]
+    devices = page.findall(".//table[@class='devices-health']/tbody/tr")
+    assert [(r.get("data-device"), r.get("data-version"),
+             _row_figures(r, ("requests", "errors"))) for r in devices] == [
+        (d["device"], d["version"], {k: d[k] for k in ("requests", "errors", *EXACT)})
+        for d in api["devices"]]
+    # requests and p95 charts: one point per bucket per version (p95 where it has requests)
+    for chart, key in (("requests", "requests"), ("p95", "p95_ms")):
+        svg = one(page, f".//*[@data-chart='{chart}']/{SVG}svg")
+        points = [(p.get("data-series"), int(p.get("data-x", "")), float(p.get("data-y", "")))
+                  for p in svg.findall(f".//{SVG}circle[@class='point']")]
+        assert points == [(v["version"], p["start"], p[key]) for v in api["versions"]
+                          for p in v["series"] if p[key] is not None]
+        assert len(points) >= (120 if key == "requests" else 3)  # 60 buckets x 2 versions
+
+
+def test_model_page_psi_chart_has_one_point_per_bucket(health: Health) -> None:
+    drift = health.api("/v1/monitoring/models/digits/drift", **HOUR_AGO)
+    rule = next(r for r in health.api("/v1/alert-rules")["items"] if r["kind"] == "drift_psi")
+    page = health.page("/ui/models/digits")
+    svg = one(page, f".//*[@data-chart='psi']/{SVG}svg")
+    points = [(p.get("data-series"), int(p.get("data-x", "")), float(p.get("data-y", "")))
+              for p in svg.findall(f".//{SVG}circle[@class='point']")]
+    with_data = [b for b in drift["buckets"] if b["max_psi"] is not None]
+    assert len(with_data) == 3  # calm at +400, dead at +1300, dead and calm at +2500
+    assert points == [("max over devices", b["start"], b["max_psi"]) for b in with_data] + \
+        [("mean over devices", b["start"], b["mean_psi"]) for b in with_data]
+    assert float(one(svg, f".//{SVG}line[@class='threshold']").get("data-value", "")) == \
+        rule["threshold"] == 0.25
+    rows = {r.get("data-device"): r for r in page.findall(
+        ".//table[@class='drift-devices']/tbody/tr")}
+    for d in drift["devices"]:
+        assert _value(one(rows[d["device"]], "td[@data-field='latest_max_psi']")) == \
+            d["latest_max_psi"]
+        assert text(one(rows[d["device"]], "td[@data-field='trend']")) == d["trend"]
+    assert text(one(rows["pi-2"], "td[@data-field='trend']")) == "rising"
+    # one device: its own line only
+    mine = health.api("/v1/monitoring/models/digits/drift", device="pi-2", **HOUR_AGO)
+    page = health.page("/ui/models/digits?device=pi-2")
+    svg = one(page, f".//*[@data-chart='psi']/{SVG}svg")
+    assert [(p.get("data-series"), int(p.get("data-x", "")), float(p.get("data-y", "")))
+            for p in svg.findall(f".//{SVG}circle[@class='point']")] == [
+        ("pi-2", b["start"], b["max_psi"]) for b in mine["buckets"] if b["max_psi"] is not None]
+    assert text(one(page, ".//*[@data-field='device-picker']/strong")) == "pi-2"
+    assert health.page("/ui/models/digits?device=pi-9", 404) is not None
+
+
+def test_model_page_distribution_defaults_to_the_most_drifted_feature(health: Health) -> None:
+    drift = health.api("/v1/monitoring/models/digits/drift", version="1.0.0", **HOUR_AGO)
+    latest = next(b["features"] for b in reversed(drift["buckets"]) if b["features"])
+    top = max(latest, key=lambda f: (f["psi_max"], -f["feature"]))
+    assert top["feature"] in DEAD_BLOCK
+    dist = health.api("/v1/monitoring/models/digits/distribution", version="1.0.0",
+                      input="input", feature=top["feature"], **HOUR_AGO)
+    page = health.page("/ui/models/digits")  # 1.0.0 has the most drift windows
+    note = one(page, ".//*[@data-field='distribution']")
+    assert (note.get("data-version"), note.get("data-input"), note.get("data-feature")) == \
+        ("1.0.0", "input", str(top["feature"]))
+    assert float(text(one(note, ".//*[@data-field='distribution-psi']"))) == \
+        pytest.approx(dist["psi"], rel=1e-3)
+    bars = one(page, f".//*[@data-chart='distribution']/{SVG}svg").findall(
+        f".//{SVG}rect[@class='bar']")
+    assert [float(b.get("data-value", "")) for b in bars
+            if b.get("data-series") == "reference"] == dist["reference"]
+    assert [float(b.get("data-value", "")) for b in bars
+            if b.get("data-series") == "live"] == dist["live"]
+    assert len(bars) == 2 * (len(dist["edges"]) + 1)
+    chosen = one(page, ".//*[@data-field='feature-picker']/*[@class='chosen']")
+    assert chosen.get("data-feature") == str(top["feature"])
+    # another feature through the picker's query, another version's distribution
+    other = health.api("/v1/monitoring/models/digits/distribution", version="2.0.0",
+                       input="input", feature=3, **HOUR_AGO)
+    page = health.page("/ui/models/digits?version=2.0.0&input=input&feature=3")
+    bars = one(page, f".//*[@data-chart='distribution']/{SVG}svg").findall(
+        f".//{SVG}rect[@class='bar'][@data-series='live']")
+    assert [float(b.get("data-value", "")) for b in bars] == other["live"]
+    missing = health.page("/ui/models/digits?input=input&feature=999")
+    assert "feature: expected a feature index of input 'input'" in text(
+        one(missing, ".//*[@data-field='no-distribution']"))
+
+
+def test_alerts_page_matches_the_api(health: Health) -> None:
+    page = health.page("/ui/alerts")
+    for state in ("firing", "pending", "resolved"):
+        api = health.api("/v1/alerts", state=state)["items"]
+        rows = page.findall(f".//tr[@data-state='{state}']")
+        assert [int(r.get("data-alert", "")) for r in rows] == [a["id"] for a in api]
+        assert text(one(page, f".//*[@data-count='alerts-{state}']")) == str(len(api)) == "1"
+        for row, a in zip(rows, api, strict=True):
+            assert [(b.get("data-device"), float(b.get("data-value", ""))) for b in
+                    row.findall(".//*[@class='breach']")] == [
+                (d["device"], d["value"]) for d in a["devices"]]
+            assert text(one(row, "td[@data-field='summary']")) == a["summary"]
+            for field_name, key in (("started", "started_at"), ("fired", "fired_at"),
+                                    ("resolved", "resolved_at")):
+                shown = one(row, f"td[@data-field='{field_name}']").get("data-time")
+                assert shown == ("" if a[key] is None else str(a[key]))
+    firing = one(page, ".//tr[@data-state='firing']")
+    assert [b.get("data-device") for b in firing.findall(".//*[@class='breach']")] == ["pi-2"]
+    rules = health.api("/v1/alert-rules")["items"]
+    assert [r.get("data-rule") for r in page.findall(".//tr[@data-rule]")] == \
+        [str(r["id"]) for r in rules]
+    assert "fleet_server alert rule add" in text(one(page, ".//*[@data-field='add-rule']"))
+    overview = health.page("/ui/")
+    assert text(one(overview, ".//*[@data-count='alerts-firing']")) == "1"
+    assert text(one(overview, ".//*[@data-count='alerts-pending']")) == "1"
+
+
+def test_device_page_shows_its_health(health: Health) -> None:
+    api = health.api("/v1/monitoring/devices/pi-2", **HOUR_AGO)
+    page = health.page("/ui/devices/pi-2")
+    assert text(one(page, ".//*[@data-field='health-requests']")) == \
+        str(api["totals"]["requests"]) == "100"
+    assert text(one(page, ".//*[@data-field='health-errors']")) == str(api["totals"]["errors"])
+    [row] = page.findall(".//table[@class='device-health']/tbody/tr")
+    [m] = api["models"]
+    assert _value(one(row, "td[@data-field='p95_ms']")) == m["p95_ms"]
+    assert _value(one(row, "td[@data-field='max_psi']")) == m["max_psi"]
+    latest = [p["max_psi"] for p in m["series"] if p["max_psi"] is not None][-1]
+    assert _value(one(row, "td[@data-field='latest_max_psi']")) == latest > 0.25
+    # a narrower range: what the API says for the last 15 minutes (pi-2 sent nothing then)
+    short = health.api("/v1/monitoring/devices/pi-2", since=START + 3600 - 900)
+    page = health.page("/ui/devices/pi-2?since=15m")
+    assert short["models"] == []
+    assert one(page, ".//*[@data-field='no-health']") is not None
+
+
+@pytest.mark.parametrize(("path", "status", "words"), [
+    ("/ui/models?since=forever", 422, "since: expected a duration such as 15m, 6h or 7d"),
+    ("/ui/models?since=400d", 422, "since: expected at most 90d, got '400d'"),
+    ("/ui/models/nope", 404, "model 'nope' not found"),
+    ("/ui/devices/pi-1?since=0h", 422, "since: expected a duration"),
+], ids=["not a duration", "too long", "unknown model", "zero"])
+def test_bad_health_queries_are_error_pages(health: Health, path: str, status: int,
+                                            words: str) -> None:
+    assert words in text(one(health.page(path, status), ".//*[@data-field='error']"))
+
+
+def test_hostile_model_and_feature_names_are_escaped(health: Health, digits: Digits) -> None:
+    f = health.f
+    f.metrics("pi-1", [metrics_body([5.0] * 10, model=HOSTILE)], at=START + 3500)
+    body = json.loads(json.dumps(digits.windows(shifted(digits.x_eval, "dead"),
+                                                window=180)[0]))
+    body["inputs"] = {HOSTILE: body["inputs"]["input"]}  # a device names any input it likes
+    f.drift("pi-1", [body], at=START + 3500)
+    models = health.client.get("/ui/models")
+    link = one(dom(models), f".//tr[@data-model=\"{HOSTILE}\"]/td[@data-field='model']/a")
+    assert text(link) == HOSTILE
+    assert link.get("href") == f"/ui/models/{quote(HOSTILE, safe='')}?since=1h"
+    model = health.client.get(link.get("href", ""))
+    digits_page = health.client.get("/ui/models/digits")
+    for r in (models, model, digits_page):
+        assert r.status_code == 200
+        assert not re.search(r"<(script|img)\b", r.text, re.IGNORECASE)
+    assert text(one(dom(model), ".//*[@data-field='model']")) == HOSTILE
+    picker = one(dom(digits_page), ".//*[@data-field='feature-picker']")
+    hostile = [a for a in picker.findall("a") if a.get("data-input") == HOSTILE]
+    assert hostile and parse_qs(urlsplit(hostile[0].get("href", "")).query)["input"] == \
+        [HOSTILE]
+    # its PSI is the largest now, so it is the default feature: the baseline has no such
+    # input, and the page says so (escaped) instead of failing
+    assert "input: expected one of ['input']" in text(
+        one(dom(digits_page), ".//*[@data-field='no-distribution']"))
+
+
+def test_health_pages_without_data_say_so(signed_in: World) -> None:
+    page = signed_in.page("/ui/models/m")  # deployed, but no device sent a record
+    psi = one(page, f".//*[@data-chart='psi']/{SVG}svg")
+    assert text(one(psi, f".//{SVG}text[@class='no-data']")) == \
+        "no drift summaries in this range yet"
+    # the devices run version 2 and sent nothing: zero requests in every bucket, no p95
+    requests = one(page, f".//*[@data-chart='requests']/{SVG}svg")
+    ys = {p.get("data-y") for p in requests.findall(f".//{SVG}circle[@class='point']")}
+    assert ys == {"0"}
+    p95 = one(page, f".//*[@data-chart='p95']/{SVG}svg")
+    assert text(one(p95, f".//{SVG}text[@class='no-data']")) == "no data yet"
+    assert text(one(page, ".//*[@data-field='no-distribution']")).endswith(
+        "has no drift baseline")
+    alerts = signed_in.page("/ui/alerts")
+    for field_name in ("no-firing", "no-pending", "no-rules"):
+        assert one(alerts, f".//*[@data-field='{field_name}']") is not None
+    assert one(signed_in.page("/ui/devices/dev-0"), ".//*[@data-field='no-health']") is not None
+    overview = signed_in.page("/ui/")
+    assert text(one(overview, ".//*[@data-count='alerts-firing']")) == "0"

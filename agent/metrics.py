@@ -26,6 +26,11 @@ bucket, and exact when every value of the interval is the same.
 
 No clock inside: the interval's start is given at construction and each ``flush(now)`` ends
 one interval and starts the next. Misuse raises ``ValueError``.
+
+Running totals: :meth:`RequestMetrics.totals` gives the same counts since construction, never
+reset (each flush folds its interval into them, under the same lock, so a reader never sees a
+total go down). The agent's Prometheus ``/metrics`` reads them at scrape time
+(:mod:`agent.serving.prom`), so a request pays for one aggregation, not two.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import bisect
 import itertools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,6 +51,7 @@ __all__ = [
     "PERCENTILES",
     "LatencyHistogram",
     "RequestMetrics",
+    "RequestTotals",
     "estimate_percentile",
 ]
 
@@ -156,6 +162,33 @@ class _Model:
     count: int = 0
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
 
+    def add(self, other: _Model) -> None:
+        """Fold ``other`` (same edges) into this one."""
+        self.count += other.count
+        for kind, n in other.errors.items():
+            self.errors[kind] += n
+        mine, theirs = self.latency, other.latency
+        mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts, strict=True)]
+        mine.total += theirs.total
+        mine.low = min(mine.low, theirs.low)
+        mine.high = max(mine.high, theirs.high)
+
+
+@dataclass(frozen=True)
+class RequestTotals:
+    """One model version's requests since the :class:`RequestMetrics` was made."""
+
+    model: str
+    version: str
+    count: int  # every request counted, ok or not
+    errors: Mapping[str, int]  # failed requests by kind (ERROR_KINDS)
+    latency_counts: tuple[int, ...]  # successes per bucket: len(edges) + 1, the last overflow
+    latency_sum_ms: float  # of the successes
+
+    @property
+    def ok(self) -> int:
+        return sum(self.latency_counts)
+
 
 class RequestMetrics:
     """Request counts, errors and latency per model and version, one interval at a time."""
@@ -170,6 +203,7 @@ class RequestMetrics:
         self._lock = threading.Lock()
         self._start = float(start)
         self._models: dict[tuple[str, str], _Model] = {}
+        self._totals: dict[tuple[str, str], _Model] = {}  # the flushed intervals, folded
 
     def observe(self, model: str, version: str, latency_ms: float, ok: bool,
                 error_kind: str | None = None) -> None:
@@ -218,6 +252,8 @@ class RequestMetrics:
         with self._lock:
             models, self._models = self._models, {}
             start, self._start = self._start, float(now)
+            for key, entry in models.items():
+                self._fold(self._totals, key, entry)
         bodies = []
         for (model, version), entry in sorted(models.items()):
             bodies.append({
@@ -227,3 +263,22 @@ class RequestMetrics:
                 "latency_ms": entry.latency.to_body(),
             })
         return bodies
+
+    def totals(self) -> list[RequestTotals]:
+        """Counts per model and version since construction (the running interval included),
+        sorted by model and version (thread-safe)."""
+        with self._lock:
+            merged: dict[tuple[str, str], _Model] = {}
+            for source in (self._totals, self._models):
+                for key, entry in source.items():
+                    self._fold(merged, key, entry)
+        return [RequestTotals(model, version, entry.count, dict(entry.errors),
+                              tuple(entry.latency.counts), entry.latency.total)
+                for (model, version), entry in sorted(merged.items())]
+
+    def _fold(self, into: dict[tuple[str, str], _Model], key: tuple[str, str],
+              entry: _Model) -> None:
+        target = into.get(key)
+        if target is None:
+            target = into[key] = _Model(LatencyHistogram(self.edges_ms))
+        target.add(entry)

@@ -8,7 +8,10 @@ What runs, on one asyncio loop:
   :class:`UpdateRunner` in a worker thread (it blocks on downloads and health checks), with
   transient failures retried on a capped, jittered backoff;
 - a tick every ``metrics_interval_s``: per-request metrics and finished drift windows go into the
-  outbox; when connected, outbox batches go out and the server's acks delete them.
+  outbox; when connected, outbox batches go out and the server's acks delete them;
+- ``GET /metrics`` on the local API (:mod:`agent.serving.prom`, a registry per Agent): the
+  running totals of the per-request metrics, the outbox, the link and the served models, all
+  read when scraped.
 
 Serving and buffering go on while the broker or the server is unreachable.
 """
@@ -32,7 +35,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from agent.buffer.store import Outbox
 from agent.config import AgentConfig
 from agent.drift.summary import DRIFT_SUMMARY_KIND, DriftMonitor
-from agent.errors import AgentError, ArtifactError, ConfigError, TransportError
+from agent.errors import AgentError, ArtifactError, ConfigError, StoreError, TransportError
 from agent.metrics import METRICS_KIND, RequestMetrics
 from agent.protocol.messages import Ack, DesiredState, Reported, RunningModel
 from agent.protocol.profiles import DeviceProfile, load_profiles
@@ -44,6 +47,7 @@ from agent.protocol.signed import (
     verify_desired,
 )
 from agent.serving.host import ModelHost
+from agent.serving.prom import AgentMetrics, AgentState, ServedModel
 from agent.serving.runtime import runtime_for
 from agent.serving.server import InferenceServer
 from agent.transport.artifacts import ArtifactFetcher
@@ -58,6 +62,9 @@ from agent.updater.verify import ArtifactVerifier
 __all__ = ["AGENT_VERSION", "Agent", "device_profile", "load_provisioning"]
 
 log = logging.getLogger(__name__)
+
+#: the host's error kind -> the error bucket of agent.metrics (4xx refused, 5xx our fault)
+_METRICS_ERRORS = {"input": "4xx", "runtime": "runtime", "internal": "5xx"}
 
 
 def _version() -> str:
@@ -139,10 +146,14 @@ class Agent:
         # keeps a body alive until the next tick bins it
         self._observed: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=2_048)
         self.metrics = RequestMetrics(start=clock())
+        self.prom = AgentMetrics(self._prom_state, self.metrics, info={
+            "agent_version": AGENT_VERSION, "device_id": self.prov.device_id,
+            "profile": self.prov.profile})
         self.host = ModelHost(workers=2, on_request=self._observe)
         self.server = InferenceServer(self.host, bind_host=config.http_host,
                                       port=config.http_port,
-                                      max_body_bytes=config.max_body_bytes)
+                                      max_body_bytes=config.max_body_bytes,
+                                      metrics=self.prom.render)
         self.models = ModelStore(config.data_dir, on_activate=self._on_activate)
         self.state = StateStore.in_dir(config.data_dir)
         self.outbox = Outbox.open(config.data_dir / "outbox.db", device_id=self.prov.device_id,
@@ -166,6 +177,7 @@ class Agent:
         self._desired: asyncio.Queue[DesiredState] | None = None
         self._sent = {"telemetry": 0, "drift": 0}  # highest seq published on this connection
         self._acked = {"telemetry": 0, "drift": 0}  # highest seq the server acked
+        self._acked_at: dict[str, float] = {}  # stream -> clock() of its last ack (this run)
         self._window_rows = 16 * config.sync_batch  # unacked rows in flight per stream
         self._sync_wake: asyncio.Event | None = None
 
@@ -173,10 +185,26 @@ class Agent:
     def _observe(self, name: str, version: str, latency_ms: float, ok: bool,
                  error_kind: str | None, inputs: Mapping[str, np.ndarray] | None,
                  outputs: Mapping[str, np.ndarray] | None) -> None:
-        """Inference thread: cheap and thread-safe (deque append); aggregated on the tick."""
-        self.metrics.observe(name, version, latency_ms, ok, error_kind)
+        """Per request, in the thread that ran it (often the loop's): cheap and thread-safe
+        (one counter update and a deque append); aggregated on the tick and at scrape time."""
+        self.metrics.observe(name, version, latency_ms, ok,
+                             None if ok else _METRICS_ERRORS.get(error_kind or "", "5xx"))
         if ok and inputs is not None and outputs is not None and name in self._drift:
             self._observed.append((name, version, inputs, outputs))
+
+    def _prom_state(self) -> AgentState:
+        """What ``GET /metrics`` reads at scrape time (a worker thread; may block on SQLite)."""
+        try:
+            outbox = self.outbox.stats()
+        except StoreError as exc:  # failed or closing: serve the rest of the metrics
+            log.warning("metrics scrape without the outbox: %s", exc)
+            outbox = None
+        return AgentState(
+            now=self.clock(),
+            models=[ServedModel(i.name, i.version, self.host.runs_inline(i.name))
+                    for i in self.host.list()],
+            connected=self.link is not None and self.link.connected,
+            last_ack=dict(self._acked_at), outbox=outbox)
 
     def _on_activate(self, name: str, version: str | None, path: Path | None) -> None:
         """ModelStore hook: serve what ``current`` now points to (idempotent)."""
@@ -430,6 +458,7 @@ class Agent:
                 if ack.device_id == self.prov.device_id:
                     self.outbox.ack(ack.stream, ack.upto_seq)
                     self._acked[ack.stream] = max(self._acked[ack.stream], ack.upto_seq)
+                    self._acked_at[ack.stream] = self.clock()
                     self._wake_sync()
 
     # -- lifecycle ------------------------------------------------------------------------

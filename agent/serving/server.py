@@ -3,13 +3,17 @@
 No framework: the agent installs without FastAPI or uvicorn, and a predict round trip over
 loopback must cost little more than the model itself. One :class:`asyncio.Protocol` per
 connection parses requests (keep-alive, pipelining, ``Expect: 100-continue``) and hands
-predicts to :class:`~agent.serving.host.ModelHost`, whose thread pool decodes, runs and encodes
-them, so the event loop never blocks on a model or on JSON.
+predicts to :class:`~agent.serving.host.ModelHost`, which decodes, runs and encodes them
+inline on the loop when the model is measured to take microseconds, else in its thread pool,
+so the loop never blocks on a slow model or a big body (the rule is in its module docstring).
 
 Routes::
 
     GET  /healthz                      200 {"status": "ok", "models": N}
     GET  /v1/models                    200 [{"name", "version", "inputs", "outputs"}, ...]
+    GET  /metrics                      200 Prometheus text exposition (only when the server
+                                       was given a ``metrics`` renderer: the daemon's is
+                                       agent.serving.prom); rendered in a worker thread
     POST /v1/models/{name}/predict     200 outputs; body forms in agent.serving.wire:
          Content-Type: application/json               {"inputs": {name: nested lists}}
          Content-Type: application/x-edgefleet-tensors (binary framing)
@@ -57,7 +61,7 @@ from agent.errors import ConfigError, InputRejected, RuntimeLoadError
 from agent.serving import wire
 from agent.serving.host import ModelHost, ModelInfo, UnknownModel
 
-__all__ = ["InferenceServer"]
+__all__ = ["InferenceServer", "MetricsRenderer"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,8 @@ _JSON = b"application/json"
 _TENSORS = wire.TENSORS_CONTENT_TYPE.encode()
 
 Encoded = tuple[bytes, bytes]  # (content type, body)
+#: renders the metrics for ``GET /metrics``: the request's Accept header -> (type, body)
+MetricsRenderer = Callable[[str], Encoded]
 
 
 class _Date:
@@ -297,6 +303,12 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, request: _Request, body: bytes) -> None:
         path, method = request.path, request.method
         try:
+            if path == "/metrics" and self._server.metrics is not None:
+                if method not in ("GET", "HEAD"):
+                    raise _HttpError(405, "method_not_allowed",
+                                     f"{path} accepts GET, got {method}", allow="GET, HEAD")
+                self._scrape(request, self._server.metrics)
+                return
             if path == "/healthz" or path == "/v1/models":
                 if method not in ("GET", "HEAD"):
                     raise _HttpError(405, "method_not_allowed",
@@ -316,7 +328,8 @@ class _Connection(asyncio.Protocol):
                     self._predict(request, name, body)
                     return
             raise _HttpError(404, "not_found", f"no route {method} {path[:200]}; routes: GET "
-                             "/healthz, GET /v1/models, POST /v1/models/{name}/predict")
+                             "/healthz, GET /v1/models, POST /v1/models/{name}/predict"
+                             + (", GET /metrics" if self._server.metrics is not None else ""))
         except _HttpError as err:
             self._send_error(request, err)
 
@@ -338,19 +351,46 @@ class _Connection(asyncio.Protocol):
                              f"{ctype[:80]!r}")
         encode = (_encode_tensors if wire.TENSORS_CONTENT_TYPE in request.headers.get("accept", "")
                   else _encode_json)
+        server = self._server
+        # set before submit: an inline model answers (self._answer) before submit returns
+        self._pending = request
         try:
-            self._server.host.submit(name, decode, encode, self._predict_done)
+            queued = not server.host.submit(name, decode, encode, self._answer,
+                                            size=len(body), contended=server._contended())
         except UnknownModel as exc:
+            self._pending = None
             raise _HttpError(404, "unknown_model", str(exc)) from exc
         except RuntimeError as exc:  # the host was closed under us: the daemon is stopping
+            self._pending = None
+            raise _HttpError(503, "unavailable", f"not serving: {exc}", close=True) from exc
+        if queued:
+            server._busy_changed(self, True)
+
+    def _scrape(self, request: _Request, render: MetricsRenderer) -> None:
+        """Render the metrics in the loop's default executor (they may read SQLite)."""
+        try:
+            future = self._loop.run_in_executor(None, render, request.headers.get("accept", ""))
+        except RuntimeError as exc:  # the executor was shut down: the daemon is stopping
             raise _HttpError(503, "unavailable", f"not serving: {exc}", close=True) from exc
         self._pending = request
         self._server._busy_changed(self, True)
 
-    def _predict_done(self, result: Encoded | None, exc: BaseException | None) -> None:
+        def done(fut: asyncio.Future[Encoded]) -> None:
+            if fut.cancelled():
+                self._answer(None, RuntimeError("metrics rendering was cancelled"))
+            else:
+                exc = fut.exception()
+                self._answer(fut.result() if exc is None else None, exc)
+
+        future.add_done_callback(done)
+
+    def _answer(self, result: Encoded | None, exc: BaseException | None) -> None:
+        """The answer to the pending request: inline (within submit) or from a thread."""
         request = self._pending
         self._pending = None
-        self._server._busy_changed(self, False)
+        queued = self in self._server._busy
+        if queued:
+            self._server._busy_changed(self, False)
         if self._transport is None or request is None:
             return
         if exc is None:
@@ -361,10 +401,12 @@ class _Connection(asyncio.Protocol):
         elif isinstance(exc, RuntimeLoadError):
             self._send_error(request, _HttpError(500, "runtime_error", str(exc)))
         else:
-            log.error("predict on %s failed with an unexpected error", request.path,
+            log.error("%s %s failed with an unexpected error", request.method, request.path,
                       exc_info=exc)
             self._send_error(request, _HttpError(500, "internal", f"{type(exc).__name__}: "
                                                  f"{exc}"))
+        if not queued:  # inline: _process, further up this stack, goes on with the buffer
+            return
         if self._read_paused and self._transport is not None:
             self._read_paused = False
             self._transport.resume_reading()
@@ -425,7 +467,7 @@ class InferenceServer:
 
     def __init__(self, host: ModelHost, *, bind_host: str = "127.0.0.1", port: int = 8500,
                  max_body_bytes: int = 8 << 20, idle_timeout_s: float = 30.0,
-                 linger_s: float = 2.0) -> None:
+                 linger_s: float = 2.0, metrics: MetricsRenderer | None = None) -> None:
         """Configure; nothing listens until :meth:`start`.
 
         Args:
@@ -436,6 +478,8 @@ class InferenceServer:
             max_body_bytes: request bodies over this are refused with 413.
             idle_timeout_s: keep-alive connections idle this long are closed.
             linger_s: after a 413, how long to drain the refused body before closing.
+            metrics: serves ``GET /metrics`` when given; called in a worker thread with the
+                request's Accept header (:meth:`agent.serving.prom.AgentMetrics.render`).
 
         Raises:
             ValueError: a size or time out of range.
@@ -450,11 +494,13 @@ class InferenceServer:
         self.max_body_bytes = max_body_bytes
         self.idle_timeout_s = idle_timeout_s
         self.linger_s = linger_s
+        self.metrics = metrics
         self._max_buffer = MAX_HEAD_BYTES + max_body_bytes
         self._date = _Date()
         self._connections: set[_Connection] = set()
         self._idle: asyncio.Event | None = None  # set when no predict is running (stop())
         self._busy: set[_Connection] = set()
+        self._predicted = False  # a predict was dispatched in this loop iteration
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
@@ -520,6 +566,23 @@ class InferenceServer:
             conn.close()
         await self._server.wait_closed()
         self._server = None
+
+    def _contended(self) -> bool:
+        """Whether a predict arriving now competes with others (then the host uses its pool).
+
+        It does when another request is running in the pool (or a scrape in the executor), or
+        when another predict was already dispatched in this iteration of the loop (requests
+        from several connections, or pipelined, arrived together). One client sending one
+        request at a time, on one connection or a new one each time, never is.
+        """
+        if self._predicted:
+            return True
+        self._predicted = True
+        asyncio.get_running_loop().call_soon(self._end_iteration)
+        return bool(self._busy)
+
+    def _end_iteration(self) -> None:
+        self._predicted = False
 
     def _busy_changed(self, conn: _Connection, busy: bool) -> None:
         if busy:

@@ -32,6 +32,15 @@ response in this form (the request said ``Accept: application/x-edgefleet-tensor
 ``"model"`` and ``"version"`` in its header. Decoding is zero-copy on little-endian hosts: the
 arrays are read-only views of the body. A header whose ``v`` is not 1 is refused; fields this
 version does not know are kept in :attr:`TensorFrame.meta`.
+
+Speed: a client sends the same header line with every request to a model (same names, dtypes,
+shapes) and the server answers with the same one back, so both directions memoise it. Decoding
+keeps the checked parse of up to :data:`_MEMO_ENTRIES` header lines of at most
+:data:`_MEMO_LINE_BYTES` whose extra fields are plain scalars, keyed by the exact bytes;
+encoding keeps the line built for each (names, dtypes, shapes, meta) the same way. A repeat
+costs a dict lookup instead of a JSON parse or build and its checks (about 10 us each way on a
+Pi-class core). The memos are bounded (cleared when full) and hold only immutable values, so
+the functions stay pure and thread-safe.
 """
 
 from __future__ import annotations
@@ -72,6 +81,9 @@ MAX_TENSORS = 256  # tensors in one frame
 
 _RESERVED = ("v", "tensors")
 _LITTLE = sys.byteorder == "little"
+_MEMO_ENTRIES = 256  # header lines memoised per direction (see the module docstring)
+_MEMO_LINE_BYTES = 1024  # longer header lines are parsed or built every time
+_SCALARS = (str, int, float, bool, type(None))
 # dtype -> wire name, and wire name -> little-endian dtype: dict lookups, because
 # ``dtype.name`` and ``str(dtype)`` cost microseconds per call
 _WIRE_NAMES = {np.dtype(name): name for name in DTYPES}
@@ -144,15 +156,47 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | 
     if clash:
         raise ValueError(f"meta field {clash[0]!r} is reserved by the framing")
     arrays = [(name, _wire_array(name, value)) for name, value in tensors.items()]
+    key: tuple[Any, ...] | None = None
+    if all(type(v) in _SCALARS for v in extra.values()):
+        # the value's type is part of the key: 1, 1.0 and True are equal but frame differently
+        key = (tuple((name, arr.dtype, arr.shape) for name, arr in arrays),
+               tuple((k, type(v), v) for k, v in extra.items()))
+        line = _encoded_lines.get(key)
+        if line is not None:
+            return b"".join([line, *(arr.tobytes() for _, arr in arrays)])
     header = {"v": WIRE_VERSION,
               "tensors": [{"name": name, "dtype": _wire_name(arr), "shape": list(arr.shape),
                            "nbytes": arr.nbytes} for name, arr in arrays],
               **extra}
     try:
-        line = _dump_strict(header).encode()
+        line = _dump_strict(header).encode() + b"\n"
     except (TypeError, ValueError) as exc:
         raise ValueError(f"frame meta is not plain JSON: {exc}") from exc
-    return b"".join([line, b"\n", *(arr.tobytes() for _, arr in arrays)])
+    if key is not None and len(line) <= _MEMO_LINE_BYTES:
+        _remember(_encoded_lines, key, line)
+    return b"".join([line, *(arr.tobytes() for _, arr in arrays)])
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """A checked header line: per tensor (name, little-endian dtype, shape, count, nbytes,
+    is bool), the extra fields as items, and the payload length it announces."""
+
+    tensors: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int, bool], ...]
+    meta: tuple[tuple[str, Any], ...]
+    payload: int
+
+
+#: encode side: (names, dtypes, shapes; meta items) -> header line with its newline
+_encoded_lines: dict[tuple[Any, ...], bytes] = {}
+#: decode side: header line (without its newline) -> its checked parse
+_decoded_headers: dict[bytes, _Header] = {}
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(memo) >= _MEMO_ENTRIES:
+        memo.clear()  # bounded: a client cycling through shapes costs re-parsing, not memory
+    memo[key] = value
 
 
 def _tensor_entry(entry: object, i: int) -> tuple[str, str, tuple[int, ...], int]:
@@ -189,8 +233,37 @@ def decode_tensors(body: bytes | bytearray | memoryview) -> TensorFrame:
         if len(data) >= MAX_HEADER_BYTES:
             raise _bad(f"header line longer than {MAX_HEADER_BYTES} bytes")
         raise _bad("no header line (a JSON object ended by a newline)")
+    line = bytes(data[:end])
+    header = _decoded_headers.get(line)
+    if header is None:
+        header = _parse_header(line)
+        if end <= _MEMO_LINE_BYTES and all(type(v) in _SCALARS for _, v in header.meta):
+            _remember(_decoded_headers, line, header)
+    expected = end + 1 + header.payload
+    if expected != len(data):
+        raise _bad(f"header announces a body of {expected} bytes, got {len(data)}")
+    tensors: dict[str, np.ndarray] = {}
+    offset = end + 1
+    for name, dtype, shape, count, nbytes, is_bool in header.tensors:
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        offset += nbytes
+        if is_bool and nbytes and int(arr.view(np.uint8).max()) > 1:
+            raise _bad(f"tensor {name!r}: bool bytes must be 0 or 1")
+        if not _LITTLE:
+            arr = arr.astype(dtype.newbyteorder("="))
+        tensors[name] = arr
+    return TensorFrame(tensors, dict(header.meta))
+
+
+def _parse_header(line: bytes) -> _Header:
+    """Check a header line (without its newline); see the module docstring.
+
+    Raises:
+        InputRejected: not JSON, not an object, unsupported ``v``, a tensor entry wrong, too
+            many tensors, or a name twice.
+    """
     try:
-        header = json.loads(data[:end])
+        header = json.loads(line)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -202,25 +275,17 @@ def decode_tensors(body: bytes | bytearray | memoryview) -> TensorFrame:
         raise _bad(f"header.tensors: expected a list, got {_cut(entries)}")
     if len(entries) > MAX_TENSORS:
         raise _bad(f"expected at most {MAX_TENSORS} tensors, got {len(entries)}")
-    parsed = [_tensor_entry(e, i) for i, e in enumerate(entries)]
-    expected = end + 1 + sum(p[3] for p in parsed)
-    if expected != len(data):
-        raise _bad(f"header announces a body of {expected} bytes, got {len(data)}")
-    tensors: dict[str, np.ndarray] = {}
-    offset = end + 1
-    for name, dtype, shape, nbytes in parsed:
-        if name in tensors:
+    tensors = []
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        name, dtype, shape, nbytes = _tensor_entry(entry, i)
+        if name in names:
             raise _bad(f"tensor {name!r} appears twice")
-        arr = np.frombuffer(data, dtype=_LE_DTYPES[dtype], count=nbytes // DTYPES[dtype],
-                            offset=offset).reshape(shape)
-        offset += nbytes
-        if dtype == "bool" and nbytes and int(arr.view(np.uint8).max()) > 1:
-            raise _bad(f"tensor {name!r}: bool bytes must be 0 or 1")
-        if not _LITTLE:
-            arr = arr.astype(np.dtype(dtype))
-        tensors[name] = arr
-    meta = {k: v for k, v in header.items() if k not in _RESERVED}
-    return TensorFrame(tensors, meta)
+        names.add(name)
+        tensors.append((name, _LE_DTYPES[dtype], shape, nbytes // DTYPES[dtype], nbytes,
+                        dtype == "bool"))
+    return _Header(tuple(tensors), tuple((k, v) for k, v in header.items() if k not in _RESERVED),
+                   sum(t[4] for t in tensors))
 
 
 def _cast(name: str, value: object, dtype: str) -> np.ndarray:

@@ -30,7 +30,7 @@ from agent.errors import InputRejected, RuntimeLoadError
 from agent.protocol.manifest import TensorSpec
 from agent.serving import wire
 from agent.serving.client import AgentClient
-from agent.serving.host import ModelHost, UnknownModel
+from agent.serving.host import WINDOW, ModelHost, UnknownModel
 from agent.serving.runtime import LoadedModel, OnnxRuntime
 from agent.serving.server import InferenceServer
 
@@ -212,6 +212,81 @@ def test_keep_alive_and_pipelining(port: int) -> None:
     assert first < second < data.rindex(b'"outputs"')
 
 
+@pytest.mark.parametrize("inline_max_s", [0.0, 60.0], ids=["pool", "inline"])
+def test_pipelined_predicts_answer_in_order_in_either_placement(model_v1: Path,
+                                                                inline_max_s: float) -> None:
+    """An inline model answers inside the parse loop: the next pipelined request still waits
+    its turn, and every answer is the one for its own request."""
+    host = ModelHost(inline_max_s=inline_max_s)
+    host.swap("tiny", "1", OnnxRuntime().load(model_v1, threads=1))
+    rows = [X[i:i + 1] for i in range(3)]
+    want = [direct(model_v1, r)["label"].tolist() for r in rows]
+    bodies = [json.dumps({"inputs": {"x": r.tolist()}}).encode() for r in rows]
+    pipelined = b"".join(
+        b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+        b"\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies)
+    pipelined += b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + pipelined
+    try:
+        with ServerThread(host) as st:
+            with AgentClient("127.0.0.1", st.server.port) as client:
+                for _ in range(WINDOW):  # one window of measured requests: placement decided
+                    client.predict("tiny", {"x": X})
+            assert host.runs_inline("tiny") == (inline_max_s > 0)
+            data = raw_exchange(st.server.port, pipelined)
+    finally:
+        host.close()
+    answers = [json.loads(part.partition(b"\r\n\r\n")[2])
+               for part in data.split(b"HTTP/1.1 200 OK\r\n")[1:]]
+    assert len(answers) == 7
+    labels = [a["outputs"]["label"] for a in answers if "outputs" in a]
+    assert labels == want + want
+    assert answers[3] == {"status": "ok", "models": 1}
+
+
+class WhereItRan:
+    """Wraps a LoadedModel; records whether each run was on the event loop's thread."""
+
+    def __init__(self, inner: LoadedModel) -> None:
+        self.inner = inner
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+        self.pooled: list[bool] = []
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.pooled.append(threading.current_thread().name.startswith("edgefleet-infer"))
+        return self.inner.run(feeds)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_requests_one_at_a_time_run_inline_and_requests_together_use_the_pool(
+        model_v1: Path) -> None:
+    model = WhereItRan(OnnxRuntime().load(model_v1, threads=1))
+    host = ModelHost(inline_max_s=60.0)  # any measured time is "fast": placement is the rule
+    host.swap("tiny", "1", model)
+    body = json.dumps({"inputs": {"x": X[:1].tolist()}}).encode()
+    predict = (b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: t\r\nContent-Type: "
+               b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        with (ServerThread(host) as st, AgentClient("127.0.0.1", st.server.port) as one,
+              AgentClient("127.0.0.1", st.server.port) as two):
+            for _ in range(WINDOW):
+                one.predict("tiny", {"x": X})
+            assert host.runs_inline("tiny")
+            for _ in range(10):  # two clients, but never two requests at once
+                one.predict("tiny", {"x": X})
+                two.predict("tiny", {"x": X})
+            by_turns = model.pooled[WINDOW:]
+            answers = raw_exchange(st.server.port, predict * 3)  # three in one segment
+            together = model.pooled[WINDOW + 20:]
+    finally:
+        host.close()
+    assert by_turns == [False] * 20
+    assert answers.count(b"HTTP/1.1 200 OK") == 3
+    # the first is alone in its loop iteration; the second arrived with it: the pool
+    assert together[:2] == [False, True], together
+
+
 def test_expect_100_continue(port: int) -> None:
     body = json.dumps({"inputs": {"x": X[:1].tolist()}}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -256,6 +331,69 @@ def test_a_failing_observer_never_fails_a_request(model_v1: Path) -> None:
                 assert client.predict("tiny", {"x": X}).version == "1"
     finally:
         host.close()
+
+
+class Scrapes:
+    """A metrics renderer that records the Accept header and the thread it was called in."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def __call__(self, accept: str) -> tuple[bytes, bytes]:
+        self.calls.append((accept, threading.current_thread().name))
+        if self.fail:
+            raise RuntimeError("renderer bug")
+        return b"text/plain; version=0.0.4; charset=utf-8", b"edgefleet_test 1.0\n"
+
+
+def test_metrics_route_renders_off_the_loop_thread() -> None:
+    scrapes = Scrapes()
+    host = ModelHost(workers=1)
+    try:
+        with ServerThread(host, metrics=scrapes) as st:
+            status, headers, data = request(st.server.port, "GET", "/metrics", None,
+                                            {"Accept": "text/plain"})
+            head = raw_exchange(st.server.port, b"HEAD /metrics HTTP/1.1\r\nHost: t\r\n"
+                                                b"Connection: close\r\n\r\n")
+            wrong = request(st.server.port, "POST", "/metrics", b"", JSON_CT)
+            loop_thread = st.thread.name
+    finally:
+        host.close()
+    assert (status, data) == (200, b"edgefleet_test 1.0\n")
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert head.startswith(b"HTTP/1.1 200 OK") and head.endswith(b"\r\n\r\n")
+    assert wrong[0] == 405 and wrong[1]["allow"] == "GET, HEAD"
+    assert scrapes.calls[0][0] == "text/plain"
+    assert all(thread != loop_thread for _, thread in scrapes.calls)
+
+
+def test_a_failing_metrics_renderer_is_a_500_and_the_connection_stays_usable() -> None:
+    host = ModelHost(workers=1)
+    try:
+        with ServerThread(host, metrics=Scrapes(fail=True)) as st:
+            conn = http.client.HTTPConnection("127.0.0.1", st.server.port, timeout=10)
+            try:
+                conn.request("GET", "/metrics")
+                failed = conn.getresponse()
+                doc = json.loads(failed.read())
+                conn.request("GET", "/healthz")  # same connection
+                health = conn.getresponse()
+                assert (health.status, json.loads(health.read())) == (
+                    200, {"status": "ok", "models": 0})
+            finally:
+                conn.close()
+    finally:
+        host.close()
+    assert failed.status == 500
+    assert doc == {"error": "internal", "detail": "RuntimeError: renderer bug"}
+
+
+def test_without_a_renderer_there_is_no_metrics_route(port: int) -> None:
+    status, _, data = request(port, "GET", "/metrics")
+    assert status == 404
+    assert json.loads(data)["detail"].endswith("routes: GET /healthz, GET /v1/models, POST "
+                                               "/v1/models/{name}/predict")
 
 
 def test_non_loopback_bind_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:

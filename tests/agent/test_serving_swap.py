@@ -1,15 +1,18 @@
 """Model swaps under load drop no request, and an old model is closed only when it is idle.
 
-Two parts: a deterministic check of the lease rule with a fake LoadedModel that blocks inside
-``run`` until released (no sleeps, no timing), and a real-server test where 8 keep-alive
-clients (half binary, half JSON) hammer predict while the main thread swaps v1 -> v2 -> v1 ...
-(real onnxruntime models wrapped in a recording fake that sees every run and close; each swap
-is made while a request is held inside the old model, so every swap has one in flight).
+Three parts: a deterministic check of the lease rule with a fake LoadedModel that blocks inside
+``run`` until released (no sleeps, no timing); the host's placement rule (inline on the event
+loop or in the pool), driven by an injected clock that the fake model advances, so "measured
+service time" is exact; and a real-server test where 8 keep-alive clients (half binary, half
+JSON) hammer predict while the main thread swaps v1 -> v2 -> v1 ... (real onnxruntime models
+wrapped in a recording fake that sees every run and close; each swap is made while a request
+is held inside the old model, so every swap has one in flight), once per placement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,10 +22,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.errors import AgentError
+from agent.errors import AgentError, InputRejected
 from agent.protocol.manifest import TensorSpec
 from agent.serving.client import AgentClient
-from agent.serving.host import ModelHost
+from agent.serving.host import INLINE_MAX_S, WINDOW, ModelHost
 from agent.serving.runtime import LoadedModel, OnnxRuntime
 from agent.serving.server import InferenceServer
 
@@ -212,10 +215,138 @@ def test_stop_lets_a_running_predict_answer() -> None:
     assert getattr(answers[0], "version", None) == "1"
 
 
+# --- placement: inline on the loop or in the pool -----------------------------------------------
+
+
+class FakeClock:
+    """The host's clock; a :class:`Timed` model advances it by its service time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Timed:
+    """A LoadedModel that "takes" ``cost_s`` on the fake clock and records where it ran."""
+
+    inputs: tuple[TensorSpec, ...] = (TensorSpec("x", "float32", (None, 4)),)
+    outputs: tuple[TensorSpec, ...] = (TensorSpec("y", "float32", (None, 4)),)
+
+    def __init__(self, clock: FakeClock, cost_s: float) -> None:
+        self.clock = clock
+        self.cost_s = cost_s
+        self.threads: list[str] = []
+        self.refuse = False
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        self.clock.now += self.cost_s
+        if self.refuse:
+            raise InputRejected("input 'x': refused on purpose")
+        return {"y": np.asarray(feeds["x"])}
+
+    def close(self) -> None:
+        pass
+
+
+def placements(host: ModelHost, model: Timed, n: int, *, feeds: Mapping[str, np.ndarray]
+               | None = None) -> list[str]:
+    """Run ``n`` predicts one after another; where each ran: "loop" or "pool"."""
+    async def scenario() -> list[str]:
+        loop_thread = threading.current_thread().name
+        start = len(model.threads)
+        for _ in range(n):
+            with contextlib.suppress(InputRejected):  # refused on purpose: still placed
+                await host.predict("m", feeds if feeds is not None else {"x": X})
+        return ["loop" if t == loop_thread else "pool" for t in model.threads[start:]]
+
+    return asyncio.run(scenario())
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_a_fast_model_runs_in_the_pool_for_one_window_then_inline(clock: FakeClock) -> None:
+    host = ModelHost(workers=2, clock=clock)
+    model = Timed(clock, INLINE_MAX_S / 4)
+    host.swap("m", "1", model)
+    assert not host.runs_inline("m")
+    assert placements(host, model, WINDOW + 5) == ["pool"] * WINDOW + ["loop"] * 5
+    assert host.runs_inline("m")
+    host.swap("m", "2", new := Timed(clock, INLINE_MAX_S / 4))  # a new version starts over
+    assert not host.runs_inline("m")
+    assert placements(host, new, 1) == ["pool"]
+    host.close()
+
+
+def test_a_slow_model_stays_in_the_pool(clock: FakeClock) -> None:
+    host = ModelHost(workers=2, clock=clock)
+    model = Timed(clock, INLINE_MAX_S * 1.5)
+    host.swap("m", "1", model)
+    assert set(placements(host, model, 3 * WINDOW)) == {"pool"}
+    assert not host.runs_inline("m")
+    host.close()
+
+
+def test_an_inline_model_goes_back_to_the_pool_past_twice_the_limit(clock: FakeClock) -> None:
+    host = ModelHost(workers=1, clock=clock)
+    model = Timed(clock, INLINE_MAX_S / 2)
+    host.swap("m", "1", model)
+    placements(host, model, WINDOW)
+    model.cost_s = INLINE_MAX_S * 1.5  # over the limit, under twice it: hysteresis keeps it
+    assert set(placements(host, model, 2 * WINDOW)) == {"loop"}
+    model.cost_s = INLINE_MAX_S * 2.5
+    assert placements(host, model, WINDOW + 2) == ["loop"] * WINDOW + ["pool"] * 2
+    host.close()
+
+
+def test_a_big_body_runs_in_the_pool_even_for_an_inline_model(clock: FakeClock) -> None:
+    host = ModelHost(workers=1, clock=clock, inline_max_bytes=1024)
+    model = Timed(clock, INLINE_MAX_S / 4)
+    host.swap("m", "1", model)
+    placements(host, model, WINDOW)
+    assert host.runs_inline("m")
+    big = {"x": np.zeros((65, 4), np.float32)}  # 1040 bytes
+    assert placements(host, model, 2, feeds=big) == ["pool", "pool"]
+    assert placements(host, model, 1) == ["loop"]
+    host.close()
+
+
+def test_refused_requests_do_not_make_a_slow_model_inline(clock: FakeClock) -> None:
+    host = ModelHost(workers=1, clock=clock)
+    model = Timed(clock, INLINE_MAX_S * 10)
+    host.swap("m", "1", model)
+    model.refuse = True
+    model.cost_s = 0.0  # a flood of malformed requests answers at once
+    assert set(placements(host, model, 3 * WINDOW)) == {"pool"}
+    assert not host.runs_inline("m")
+    host.close()
+
+
+def test_inline_max_s_zero_never_runs_inline(clock: FakeClock) -> None:
+    host = ModelHost(workers=1, clock=clock, inline_max_s=0)
+    model = Timed(clock, 0.0)
+    host.swap("m", "1", model)
+    assert set(placements(host, model, 2 * WINDOW)) == {"pool"}
+    host.close()
+
+
+@pytest.mark.parametrize(("inline_max_s", "max_bytes"), [(-1.0, 0), (float("nan"), 0),
+                                                          (1e-4, -1)])
+def test_host_refuses_bad_inline_limits(inline_max_s: float, max_bytes: int) -> None:
+    with pytest.raises(ValueError, match="inline_max_s"):
+        ModelHost(inline_max_s=inline_max_s, inline_max_bytes=max_bytes)
+
+
 # --- 8 clients across swaps, real server ------------------------------------------------------
 
 
-def test_swaps_under_load_drop_no_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("placement", ["pool", "inline", "adaptive"])
+def test_swaps_under_load_drop_no_request(tmp_path: Path, placement: str) -> None:
     paths = {v: build_model(tmp_path / f"v{v}.onnx", w) for v, w in WEIGHTS.items()}
     runtime = OnnxRuntime()
     expected = {}
@@ -225,7 +356,10 @@ def test_swaps_under_load_drop_no_request(tmp_path: Path) -> None:
         probe.close()
     assert not np.array_equal(expected["1"], expected["2"])
 
-    host = ModelHost(workers=2)
+    # pool: never inline; inline: every model inline after its first window (a held run
+    # then blocks the loop, and the swap still happens from this thread); adaptive: the default
+    host = ModelHost(workers=2, inline_max_s={"pool": 0.0, "inline": 60.0,
+                                              "adaptive": INLINE_MAX_S}[placement])
     models: list[Recording] = []
 
     def load(version: str) -> Recording:
@@ -300,6 +434,7 @@ def test_swaps_under_load_drop_no_request(tmp_path: Path) -> None:
         for t in threads:
             t.join(30)
         assert not any(t.is_alive() for t in threads), "a client never finished"
+        host_inline = host.runs_inline("tiny")
     finally:
         stop.set()
         for t in threads:
@@ -318,3 +453,5 @@ def test_swaps_under_load_drop_no_request(tmp_path: Path) -> None:
         assert model.closed  # every replaced model, and the last one at host.close()
     assert sum(m.runs for m in models) >= completed
     assert all(m.runs for m in models)
+    if placement != "adaptive":  # the last model saw 8 * 20 requests: a window at least
+        assert host_inline == (placement == "inline")

@@ -48,7 +48,7 @@ from agent.protocol.signed import (
 )
 from agent.serving.host import ModelHost
 from agent.serving.prom import AgentMetrics, AgentState, ServedModel
-from agent.serving.runtime import runtime_for
+from agent.serving.runtime import installed_runtimes, runtime_for
 from agent.serving.server import InferenceServer
 from agent.transport.artifacts import ArtifactFetcher
 from agent.transport.backoff import backoff_delay
@@ -159,15 +159,17 @@ class Agent:
         self.outbox = Outbox.open(config.data_dir / "outbox.db", device_id=self.prov.device_id,
                                   max_rows=config.outbox_max_rows, now=clock())
         self._drift: dict[str, DriftMonitor] = {}
-        import onnxruntime
-
+        # only the engine this device's profile uses is imported (a TFLite device never loads
+        # onnxruntime); a missing one is logged and every artifact for it is refused
+        installed = installed_runtimes([self.profile.runtime])
         self.runner = UpdateRunner(
             store=self.state, installer=self.models,
             fetcher=TargetsFetcher(ArtifactFetcher(self.prov, config.data_dir,
                                                    max_bytes=config.max_download_bytes,
                                                    fetcher=tuf_fetcher)),
-            verifier=ArtifactVerifier(self.profile,
-                                      runtime_versions={"onnxruntime": onnxruntime.__version__}),
+            verifier=ArtifactVerifier(
+                self.profile, runtimes=tuple(installed),
+                runtime_versions={k: v for k, v in installed.items() if v is not None}),
             checker=RuntimeHealthChecker(self.profile),
             reporter=self, clock=clock, loop_limit=config.boot_loop_limit)
         self.status = _Status(applied_sequence=self.state.applied_sequence())

@@ -1,1 +1,2 @@
-"""On-device serving: the Runtime seam (ONNX Runtime, later TFLite) and the local HTTP API."""
+"""On-device serving: the Runtime seam (ONNX Runtime, and TFLite through ai-edge-litert) and
+the local HTTP API."""

@@ -753,8 +753,22 @@ def digits() -> Digits:
     return trained_digits()
 
 
+@pytest.fixture(scope="module")
+def health(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> Iterator[Health]:
+    """Built once for the read-only tests (:func:`_health`)."""
+    with _health(tmp_path_factory.mktemp("health"), digits) as h:
+        yield h
+
+
 @pytest.fixture
-def health(tmp_path: Path, digits: Digits) -> Iterator[Health]:
+def fresh_health(tmp_path: Path, digits: Digits) -> Iterator[Health]:
+    """A fleet of its own, for a test that adds records (:func:`_health`)."""
+    with _health(tmp_path, digits) as h:
+        yield h
+
+
+@contextmanager
+def _health(tmp_path: Path, digits: Digits) -> Iterator[Health]:
     """pi-1, pi-2, pi-3 (rpi4) and zero-1 (rpi-zero2w) run digits; pi-3 on 2.0.0. Everyone
     serves calm digits; from 20 minutes in pi-2 serves digits with a dead centre block, and
     a drift rule (PSI > 0.25) fires on it. pi-1 had an error burst; its error-rate alert
@@ -983,7 +997,9 @@ def test_bad_health_queries_are_error_pages(health: Health, path: str, status: i
     assert words in text(one(health.page(path, status), ".//*[@data-field='error']"))
 
 
-def test_hostile_model_and_feature_names_are_escaped(health: Health, digits: Digits) -> None:
+def test_hostile_model_and_feature_names_are_escaped(fresh_health: Health,
+                                                     digits: Digits) -> None:
+    health = fresh_health
     f = health.f
     f.metrics("pi-1", [metrics_body([5.0] * 10, model=HOSTILE)], at=START + 3500)
     body = json.loads(json.dumps(digits.windows(shifted(digits.x_eval, "dead"),

@@ -8,13 +8,16 @@
 4. push the bundles, deploy 1.0.0 to all, ask each device for a prediction;
 5. roll out 2.0.0 in waves (20%, then 100%) with a bake and health gates, while traffic flows
    to every device; print the rollout's progress as it changes;
-6. feed shifted digits to pi-2 and normal ones to pi-1 (the control): the devices' drift
-   summaries reach the server, where pi-2's PSI rises over the alert threshold and pi-1's stays
-   low;
+6. add a drift alert rule on the model, then feed shifted digits to pi-2 and normal ones to
+   pi-1 (the control), a drift window at a time: the devices' drift summaries reach the server,
+   whose drift view shows pi-2's PSI rising over the rule's threshold and pi-1's staying low
+   (checked window by window through the API, shown with `fleet_server monitor drift`), and
+   the alert fires on pi-2 only (`fleet_server alert list`);
 7. roll out 3.0.0 in waves with --on-failure rollback: the first wave's devices fail their
    health check and roll back by themselves, the rollout fails its gate and rolls back, every
    device still serves 2.0.0;
-8. stop everything (or leave it running with --keep).
+8. check that the dashboard (/ui/) sends a visitor to its sign-in page, then stop everything
+   (or leave it running with --keep).
 
 Each step prints the command it runs, so the output doubles as a tutorial. Everything lands in
 ./demo-out (replaced on every run). Exit 0 on success; on any failure the tail of the relevant
@@ -24,8 +27,8 @@ log is printed, every child process is stopped and the exit code is 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -43,16 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_lib import (
     Children,
     DemoError,
-    DriftWindow,
     Shell,
+    alert_devices,
     banner,
+    drift_line,
+    drift_windows,
     failing_copy,
     free_port,
+    http_answer,
     http_ok,
-    http_status,
     note,
     rollout_line,
-    show_server_drift,
     stop_stale,
     tail,
     wait_for,
@@ -88,16 +92,26 @@ ROLLOUT_GATES = ["--waves", WAVES, "--bake", str(BAKE_S), "--max-failed", "0",
 #: threshold is 0.25), so a window must not be small
 DRIFT_WINDOW = 400
 DRIFT_BATCH = 50  # predictions per request when feeding drift (DRIFT_WINDOW is a multiple)
+#: windows of shifted (and, to the control, normal) digits fed after the shift
+SHIFTED_WINDOWS = 3
+#: the drift alert rule: a device's largest input-feature PSI over this (a significant shift),
+#: judged over this much of its history once it sent one full window
+PSI_ALERT = 0.25
+ALERT_WINDOW = "5m"
 #: model_tools.examples.digits.shifted kind: the central 4x4 pixels read 0 (a dead sensor
 #: region); the model gets ~30% of such digits right against ~98% of normal ones
 SHIFT = "dead"
 TRAFFIC_PAUSE_S = 0.1  # between rounds of one request to each device
 
+#: seconds between the server's maintenance passes, where alert rules are evaluated (30 by
+#: default; short here so the drift alert fires within seconds)
+MAINTENANCE_S = 2
+
 HEALTH_TIMEOUT_S = 30.0
 ONLINE_TIMEOUT_S = 30.0
 ROLLOUT_TIMEOUT_S = 60.0
-#: how often the demo asks the server to judge a running rollout (see Demo._follow_rollout)
-JUDGE_EVERY_S = 1.0
+DRIFT_TIMEOUT_S = 30.0
+ALERT_TIMEOUT_S = 30.0
 
 
 def rel(path: Path) -> str:
@@ -181,7 +195,6 @@ class Demo:
         self.agents: dict[str, Any] = {}
         self.bundles: dict[tuple[str, str], Path] = {}  # (version, profile) -> bundle dir
         self.accuracy: dict[str, float] = {}
-        self.dashboard: int | None = None  # HTTP status of GET /ui/ at the end
         self.summary: list[str] = []
 
     # ----------------------------------------------------------------------------- steps
@@ -259,13 +272,15 @@ class Demo:
         started = time.monotonic()
         server = self.children.start("server", [
             *FLEET, "serve", "--data-dir", rel(self.server_dir), "--port", str(api_port),
-            "--mqtt-port", str(mqtt_port)], self.server_log)
+            "--mqtt-port", str(mqtt_port), "--maintenance-interval", str(MAINTENANCE_S)],
+            self.server_log)
         self.server = server
         wait_for("the server's /healthz", lambda: http_ok(f"{self.url}/healthz"),
                  timeout=HEALTH_TIMEOUT_S, alive=lambda: self.children.check_alive(server),
                  log=self.server_log)
         note(f"  server up in {time.monotonic() - started:.1f}s (pid {server.proc.pid}): "
-             f"admin API {self.url}, MQTT broker mqtt://127.0.0.1:{mqtt_port}")
+             f"admin API {self.url}, MQTT broker mqtt://127.0.0.1:{mqtt_port}; alert rules "
+             f"evaluated every {MAINTENANCE_S}s")
         print(f"$ export EDGEFLEET_URL={self.url} "
               f"EDGEFLEET_TOKEN=$(cat {rel(self.token_file)})", flush=True)
         self.sh.env["EDGEFLEET_URL"] = self.url
@@ -342,7 +357,7 @@ class Demo:
              f"once it served {MIN_SAMPLES} requests on the new version)")
         traffic.start()
         rollout_id = self._deploy_rollout(V2)
-        final = self._follow_rollout(rollout_id, V2, until=("completed",), judge=True)
+        final = self._follow_rollout(rollout_id, V2, until=("completed",))
         report = traffic.stop()
         self.sh.run([*FLEET, "rollout", "status", str(rollout_id)], show_output=30)
         note(f"  traffic during the rollout: {traffic_summary(report)}")
@@ -359,7 +374,7 @@ class Demo:
 
     def drift(self) -> None:
         banner(f"7/8 drift: shifted digits to {DRIFTED}, normal ones to {CONTROL} (the "
-               "control); the server sees it")
+               "control); the server sees it and alerts")
         from agent.errors import AgentError
         from agent.serving.client import AgentClient
         from model_tools.examples.digits import shifted
@@ -367,12 +382,22 @@ class Demo:
         note(f"  Each agent bins its live inputs against the bundle's baseline and, every "
              f"{DRIFT_WINDOW} predictions\n  (drift_window in agent.toml), sends a summary: "
              "PSI and JS per input feature. Never an input value.")
+        self.sh.run([*FLEET, "alert", "rule", "add", MODEL, "--kind", "drift_psi",
+                     "--threshold", f"{PSI_ALERT:g}", "--min-devices", "1",
+                     "--window", ALERT_WINDOW, "--min-samples", str(DRIFT_WINDOW)])
+        with self._client() as api:
+            rule_id = max(int(r["id"]) for r in api.list_alert_rules() if r["model"] == MODEL)
+        note(f"  (it fires at once, no --for; a device is judged once it sent one full window "
+             f"of {DRIFT_WINDOW} predictions;\n  the server evaluates rules every "
+             f"{MAINTENANCE_S}s)")
         order = self._normal_order()
 
-        def feed(device_id: str, x: np.ndarray, labels: np.ndarray, what: str) -> float:
+        def feed(device_id: str, x: np.ndarray, labels: np.ndarray, what: str, *,
+                 show: bool) -> int:
             port = self.ports[device_id]
-            note(f">>> AgentClient('127.0.0.1', {port}).predict({MODEL!r}, {{'input': x}})  "
-                 f"# {device_id}: {len(x)} {what}, {DRIFT_BATCH} per request")
+            if show:
+                note(f">>> AgentClient('127.0.0.1', {port}).predict({MODEL!r}, {{'input': x}})"
+                     f"  # {device_id}: {len(x)} {what}, {DRIFT_BATCH} per request")
             right = 0
             with AgentClient("127.0.0.1", port) as client:
                 for i in range(0, len(x), DRIFT_BATCH):
@@ -383,51 +408,79 @@ class Demo:
                                         self.agents[device_id].log) from exc
                     probs = answer.outputs["probabilities"]
                     right += int((probs.argmax(axis=1) == labels[i:i + DRIFT_BATCH]).sum())
-            return right / len(x)
+            return right
 
-        started = time.time()
+        # one window per device, then a second boundary: every window lands in its own 1 s
+        # bucket of the server's drift view, whose value is then that window's (drift_windows)
+        since = _next_second()
         for device_id in (CONTROL, DRIFTED):
             idx = next(order)[:DRIFT_WINDOW]
-            feed(device_id, self.x[idx], self.labels[idx], "normal digits")
-        note("  the server's view, before the shift:")
-        show_server_drift(self.server_dir, MODEL, V2, [CONTROL, DRIFTED], until=partial(
-            _windows_since, started, {CONTROL: 1, DRIFTED: 1}))
+            feed(device_id, self.x[idx], self.labels[idx], "normal digits", show=True)
+        before = self._server_windows(since, 1)
+        note("  the server's view, before the shift (GET /v1/monitoring/models/"
+             f"{MODEL}/drift?version={V2}&bucket=1):")
+        for device_id in (CONTROL, DRIFTED):
+            note(f"  -> {drift_line(device_id, before[device_id], PSI_ALERT)}")
 
-        shift_at = time.time()
-        n = 3 * DRIFT_WINDOW
-        idx = _take(order, n)
-        normal_acc = feed(CONTROL, self.x[idx], self.labels[idx], "normal digits")
-        idx = _take(order, n)
-        drifted_acc = feed(DRIFTED, shifted(self.x[idx], SHIFT), self.labels[idx],
-                           f"digits with dead central 4x4 pixels (shifted(x, {SHIFT!r}))")
-        note(f"  {DRIFTED} got {drifted_acc:.0%} of these digits right, {CONTROL} "
-             f"{normal_acc:.0%} of the normal ones; in the field no label says so, the drift "
-             "does:")
-        note("  the server's view, after (* = a window closed after the shift began):")
-        found = show_server_drift(self.server_dir, MODEL, V2, [CONTROL, DRIFTED],
-                                  since=shift_at, until=partial(
-                                      _windows_since, shift_at, {CONTROL: 3, DRIFTED: 3}))
-        after = {d: [w for w in ws if w.end >= shift_at] for d, ws in found.items()}
-        drifted, control = after[DRIFTED], after[CONTROL]
-        threshold = drifted[-1].threshold
-        if not all(w.max_psi > threshold for w in drifted[1:]) \
-                or any(w.max_psi > threshold for w in control):
-            raise DemoError(f"expected {DRIFTED}'s max PSI over {threshold:g} from its second "
+        right = dict.fromkeys((CONTROL, DRIFTED), 0)
+        for k in range(1, SHIFTED_WINDOWS + 1):
+            _next_second()
+            idx = _take(order, DRIFT_WINDOW)
+            right[CONTROL] += feed(CONTROL, self.x[idx], self.labels[idx], "normal digits",
+                                   show=k == 1)
+            idx = _take(order, DRIFT_WINDOW)
+            right[DRIFTED] += feed(DRIFTED, shifted(self.x[idx], SHIFT), self.labels[idx],
+                                   f"digits with dead central 4x4 pixels (shifted(x, "
+                                   f"{SHIFT!r}))", show=k == 1)
+            self._server_windows(since, 1 + k)
+            if k == 1:
+                note(f"  ... {SHIFTED_WINDOWS} windows' worth to each, a window at a time")
+        fed = SHIFTED_WINDOWS * DRIFT_WINDOW
+        note(f"  {DRIFTED} got {right[DRIFTED] / fed:.0%} of these digits right, {CONTROL} "
+             f"{right[CONTROL] / fed:.0%} of the normal ones; in the field no label says so, "
+             "the drift does:")
+        note("  the server's view, after (* = a window sent after the shift):")
+        found = self._server_windows(since, 1 + SHIFTED_WINDOWS)
+        for device_id in (CONTROL, DRIFTED):
+            note(f"  -> {drift_line(device_id, found[device_id], PSI_ALERT, shifted_from=1)}")
+        drifted, control = found[DRIFTED][1:], found[CONTROL][1:]
+        # the first shifted window may still hold normal digits sent with the v2 rollout's
+        # traffic (a window closes every DRIFT_WINDOW predictions, counted from the install)
+        if not all(v > PSI_ALERT for v in drifted[1:]) or any(v > PSI_ALERT for v in control):
+            raise DemoError(f"expected {DRIFTED}'s max PSI over {PSI_ALERT:g} from its second "
                             f"shifted window on and {CONTROL}'s at or under it; got "
-                            f"{DRIFTED} {[w.max_psi for w in drifted]}, {CONTROL} "
-                            f"{[w.max_psi for w in control]}", self.server_log)
-        before = [w for w in found[DRIFTED] if w.end < shift_at]
+                            f"{DRIFTED} {drifted}, {CONTROL} {control}", self.server_log)
+
+        self.sh.run([*FLEET, "monitor", "drift", MODEL, "--model-version", V2,
+                     "--since", "5m"], show_output=20)
+        with self._client() as api:
+            view = api.monitor_drift(MODEL, version=V2, since=int(time.time()) - 300)
+        trends = {d["device"]: d for d in view["devices"]}
+        if trends.get(DRIFTED, {}).get("trend") != "rising":
+            raise DemoError(f"expected `monitor drift` to show {DRIFTED}'s drift rising, got "
+                            f"{trends.get(DRIFTED)}", self.server_log)
+
+        alert = self._wait_alert(rule_id)
+        self.sh.run([*FLEET, "alert", "list"], width=300)  # its summary names the devices
         self.summary.append(
-            f"drift: {DRIFTED}'s max PSI went from {before[-1].max_psi:.2g} to "
-            f"{drifted[-1].max_psi:.3g} (alert over {threshold:g}), the control {CONTROL} "
-            f"stayed at {max(w.max_psi for w in control):.2g} or less")
+            f"drift: {DRIFTED}'s max PSI went from {found[DRIFTED][0]:.2g} to "
+            f"{found[DRIFTED][-1]:.3g} (alert threshold {PSI_ALERT:g}), the control {CONTROL} "
+            f"stayed at {max(found[CONTROL]):.2g} or less")
+        self.summary.append(
+            f"`fleet_server monitor drift {MODEL} --model-version {V2} --since 5m`: "
+            + "; ".join(f"{d} {trends[d]['trend']}, latest max PSI "
+                        f"{trends[d]['latest_max_psi']:.3g}" for d in (DRIFTED, CONTROL)
+                        if d in trends))
+        self.summary.append(f"`fleet_server alert list`: alert {alert['id']} "
+                            f"{alert['state']} on {', '.join(alert_devices(alert))} only: "
+                            f"{alert['summary']}")
 
     def roll_out_v3(self, traffic: Traffic) -> None:
         banner(f"8/8 roll out {MODEL} {V3} (fails its health check) in waves, "
                "--on-failure rollback")
         traffic.start()
         rollout_id = self._deploy_rollout(V3, "--on-failure", "rollback")
-        final = self._follow_rollout(rollout_id, V3, until=("rolled_back",), judge=False)
+        final = self._follow_rollout(rollout_id, V3, until=("rolled_back",))
         report = traffic.stop()
         self.sh.run([*FLEET, "rollout", "status", str(rollout_id)], show_output=30)
         failed = [r for r in final["devices"] if r["outcome"] == "failed"]
@@ -453,7 +506,6 @@ class Demo:
                             f"answer with {V2} only: {', '.join(wrong) or 'none'}",
                             self.server_log)
         note(f"  every device still serves {MODEL} {V2}")
-        self.dashboard = http_status(f"{self.url}/ui/")
         names = ", ".join(r["device_id"] for r in failed)
         self.summary.append(f"{V3} failed its health check on {names} (rolled back by the "
                             f"device itself); rollout {rollout_id} "
@@ -507,38 +559,23 @@ class Demo:
                             self.server_log)
         return max(ids)
 
-    def _follow_rollout(self, rollout_id: int, version: str, *, until: tuple[str, ...],
-                        judge: bool) -> dict[str, Any]:
+    def _follow_rollout(self, rollout_id: int, version: str, *, until: tuple[str, ...]
+                        ) -> dict[str, Any]:
         """Poll ``GET /v1/rollouts/ID`` (what ``rollout status ID --json`` prints) and print a
         line whenever the progress changes, until the rollout's status is in ``until`` with
         nothing pending; another final status is an error.
 
-        ``judge``: ask the server to judge the rollout again every :data:`JUDGE_EVERY_S`.
-        The server re-plans a rollout when one of its devices reports a new state, and in
-        its maintenance pass every 30 s, but not yet when a bake ends or telemetry arrives:
-        without this a wave waiting on its bake or health gates would wait for that pass.
-        ``POST /v1/rollouts/ID/resume`` is a no-op on a running rollout that re-plans it.
+        Only reads: the server moves the rollout by itself, re-planning it when a device
+        reports, when telemetry arrives from a device it holds, and every second while it
+        runs (a bake ending).
         """
-        from fleet_server.errors import Conflict
-
         print(f"$ {self.sh.display([*FLEET, 'rollout', 'status', str(rollout_id), '--json'])}"
               "   (polled: one line per change)", flush=True)
-        if judge:
-            note(f"  (and every {JUDGE_EVERY_S:g}s POST /v1/rollouts/{rollout_id}/resume, i.e. "
-                 f"`fleet_server rollout resume {rollout_id}`: a no-op that makes the server "
-                 "judge the wave\n  now; by itself it does so when a device reports and every "
-                 "30 s, not yet when a bake ends or health numbers arrive)")
         started = time.monotonic()
         shown: list[str] = []
-        judged = [started]
 
         def check() -> dict[str, Any] | None:
             with self._client() as api:
-                if judge and time.monotonic() - judged[0] >= JUDGE_EVERY_S:
-                    judged[0] = time.monotonic()
-                    # Conflict: it left "running" in between, nothing to judge
-                    with contextlib.suppress(Conflict):
-                        api.command_rollout(rollout_id, "resume")
                 rollout: dict[str, Any] = api.get_rollout(rollout_id)
             line = rollout_line(rollout)
             if not shown or line != shown[-1]:
@@ -559,6 +596,65 @@ class Demo:
             timeout=ROLLOUT_TIMEOUT_S, interval=0.25, alive=self.children.check_all_alive,
             log=self.server_log)
         return result
+
+    def _server_windows(self, since: int, count: int) -> dict[str, list[float]]:
+        """Wait until the server holds ``count`` drift windows of :data:`V2` from each of
+        CONTROL and DRIFTED received after ``since``; return their max PSI, oldest first.
+
+        Read through the API's drift view (``FleetClient.monitor_drift``) with 1 s buckets:
+        the demo feeds a window at a time and lets a second pass before the next, so each
+        bucket holds one window and its value is that window's (:func:`drift_windows` refuses
+        a bucket holding more).
+        """
+        last: dict[str, list[float]] = {}
+
+        def check() -> dict[str, list[float]] | None:
+            with self._client() as api:
+                view = api.monitor_drift(MODEL, version=V2, since=since, bucket=1)
+            try:
+                last.update({d: drift_windows(view, d) for d in (CONTROL, DRIFTED)})
+            except ValueError as exc:
+                raise DemoError(str(exc), self.server_log) from exc
+            return dict(last) if all(len(v) >= count for v in last.values()) else None
+
+        try:
+            found: dict[str, list[float]] = wait_for(
+                f"the server to hold {count} drift window(s) of {CONTROL} and {DRIFTED}",
+                check, timeout=DRIFT_TIMEOUT_S, interval=0.25,
+                alive=self.children.check_all_alive, log=self.server_log)
+        except DemoError as exc:
+            raise DemoError(f"{exc}; it holds {last}", exc.log) from exc
+        if any(len(v) != count for v in found.values()):
+            raise DemoError(f"expected {count} drift window(s) of each device since the step "
+                            f"began, got {found}", self.server_log)
+        return found
+
+    def _wait_alert(self, rule_id: int) -> dict[str, Any]:
+        """Wait until alert rule ``rule_id`` has an alert firing; it must name DRIFTED only."""
+        def check() -> dict[str, Any] | None:
+            with self._client() as api:
+                alerts = api.list_alerts(state="firing", model=MODEL)
+            return next((a for a in alerts if a["rule_id"] == rule_id), None)
+
+        alert: dict[str, Any] = wait_for(
+            f"alert rule {rule_id} to fire", check, timeout=ALERT_TIMEOUT_S, interval=0.5,
+            alive=self.children.check_all_alive, log=self.server_log)
+        if alert_devices(alert) != [DRIFTED]:
+            raise DemoError(f"expected the drift alert on {DRIFTED} only, got "
+                            f"{alert_devices(alert)}: {alert['summary']}", self.server_log)
+        return alert
+
+    def check_dashboard(self) -> None:
+        """``GET /ui/`` must send a visitor without a session to the sign-in page, which must
+        answer."""
+        answer = http_answer(f"{self.url}/ui/")
+        note(f">>> GET {self.url}/ui/  -> {answer[0] if answer else 'no answer'}"
+             + (f", Location: {answer[1]}" if answer and answer[1] else ""))
+        if answer is None or answer[0] not in (302, 303, 307) \
+                or not answer[1].startswith("/ui/login") \
+                or not http_ok(f"{self.url}{answer[1]}"):
+            raise DemoError(f"expected GET {self.url}/ui/ to redirect to a sign-in page at "
+                            f"/ui/login that answers 200, got {answer}", self.server_log)
 
     def _predict_all(self, expect_version: str) -> None:
         """One held-out digit per device, each a different one: the first through the CLI,
@@ -624,10 +720,14 @@ def _take(order: Iterator[np.ndarray], n: int) -> np.ndarray:
     return np.concatenate(parts)[:n]
 
 
-def _windows_since(since: float, want: Mapping[str, int],
-                   found: Mapping[str, list[DriftWindow]]) -> bool:
-    """Whether each device in ``want`` has that many windows closed at or after ``since``."""
-    return all(sum(1 for w in found.get(d, ()) if w.end >= since) >= n for d, n in want.items())
+def _next_second() -> int:
+    """Wait for the next whole second of the clock the server stamps records with; return the
+    one before it: what the server received until now has ``received_at`` at most that, what
+    it receives from here on more (a drift view ``since`` it holds only the latter)."""
+    now = time.time()
+    current = math.floor(now)
+    time.sleep(current + 1 - now)
+    return current
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.roll_out_v2(traffic)
         demo.drift()
         demo.roll_out_v3(traffic)
+        demo.check_dashboard()
         ok = True
     except DemoError as exc:
         print(f"\ndemo FAILED: {exc}", file=sys.stderr, flush=True)
@@ -697,8 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = ", ".join(f"{d} :{demo.ports[d]}" for d, _p in DEVICES)
     note(f"admin API   {demo.url}  (token in {rel(demo.token_file)}; "
          f"export EDGEFLEET_URL={demo.url} EDGEFLEET_TOKEN=$(cat {rel(demo.token_file)}))")
-    note(f"dashboard   {demo.url}/ui/" + ("  (not in this build yet: issue 7)"
-                                           if demo.dashboard == 404 else ""))
+    note(f"dashboard   {demo.url}/ui/  (sign in with the admin token)")
     note(f"devices     local inference APIs: {devices}")
     note(f"logs        {rel(demo.server_log)}, {rel(out / 'devices')}/<id>/agent.log")
     if opts.keep:

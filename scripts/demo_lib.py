@@ -4,10 +4,12 @@ and the few pure readings of server answers the demo prints.
 The plumbing knows nothing about fleets: it runs commands the way a person would type them
 (printing each one first, so the demo's output doubles as a tutorial), keeps the long-running
 children (server, agents) in one place so they are always stopped, and waits on observable state
-with a deadline. :func:`rollout_line` and :func:`drift_line` turn a rollout's status and a
-device's drift windows into one readable line each (pure, tested in ``tests/test_demo_lib.py``);
-:func:`show_server_drift` is the one place that reads drift from the server. Stdlib only (numpy
-is imported lazily by :func:`failing_copy`).
+with a deadline. The pure readings of the server's answers (tested in
+``tests/test_demo_lib.py``): :func:`rollout_line` turns a rollout's status into one line,
+:func:`drift_windows` takes each device's per-window PSI out of the server's drift view and
+:func:`drift_line` prints them, :func:`alert_devices` names who an alert is about. Stdlib only
+(numpy is imported lazily by :func:`failing_copy`); the demo itself asks the server, through
+``FleetClient`` and the CLI.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import shlex
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -35,18 +36,17 @@ from typing import IO, Any, TypeVar
 __all__ = [
     "Children",
     "DemoError",
-    "DriftWindow",
     "Shell",
+    "alert_devices",
     "banner",
     "drift_line",
+    "drift_windows",
     "failing_copy",
     "free_port",
+    "http_answer",
     "http_ok",
-    "http_status",
     "note",
-    "parse_drift_body",
     "rollout_line",
-    "show_server_drift",
     "stop_stale",
     "tail",
     "wait_for",
@@ -96,13 +96,20 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """The HTTP status of ``GET url`` (redirects followed), or None when nothing answers."""
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the redirect itself is the answer
+
+
+def http_answer(url: str, timeout: float = 2.0) -> tuple[int, str] | None:
+    """``GET url`` without following a redirect: its status and ``Location`` header (empty
+    when it has none), or None when nothing answers."""
+    opener = urllib.request.build_opener(_NoRedirect)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status)
+        with opener.open(url, timeout=timeout) as resp:
+            return int(resp.status), str(resp.headers.get("Location") or "")
     except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        return int(exc.code), str(exc.headers.get("Location") or "")
     except (OSError, ValueError):
         return None
 
@@ -169,8 +176,9 @@ class Shell:
 
     def run(self, args: Sequence[str], *, show_output: bool | int = True,
             shown: Mapping[int, str] | None = None, timeout: float = 120.0,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Print the command, run it, print (up to ``max_lines`` of) its stdout.
+            check: bool = True, width: int = 150) -> subprocess.CompletedProcess[str]:
+        """Print the command, run it, print (up to ``max_lines`` of) its stdout, each line cut
+        at ``width`` characters.
 
         Raises:
             DemoError: non-zero exit (with its output) or a timeout.
@@ -188,7 +196,7 @@ class Shell:
                             output=(done.stdout + done.stderr).strip())
         if show_output:
             limit = self.max_lines if show_output is True else int(show_output)
-            self.echo(done.stdout, limit)
+            self.echo(done.stdout, limit, width)
         return done
 
     @staticmethod
@@ -440,99 +448,50 @@ def rollout_line(rollout: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- drift on the server
 
-@dataclass(frozen=True)
-class DriftWindow:
-    """One drift window a device summarised and the server stored."""
+def drift_windows(view: Mapping[str, Any], device_id: str) -> list[float]:
+    """The max PSI of each drift window ``device_id`` sent, oldest first, from the server's
+    drift view: the body of ``GET /v1/monitoring/models/{model}/drift``
+    (``FleetClient.monitor_drift``, what ``fleet_server monitor drift --json`` prints).
 
-    device_id: str
-    version: str
-    end: float  # unix seconds (the device's clock) when the window closed
-    predictions: int
-    max_psi: float  # largest input-feature PSI of the window
-    alerts: int  # input features at or over ``threshold``
-    threshold: float  # the device's PSI alert threshold
-
-
-def parse_drift_body(device_id: str, body: str, model: str) -> DriftWindow | None:
-    """The window of one stored ``drift.summary`` record body (JSON, as the device sent it),
-    or None when it is about another model or malformed (device input is never trusted)."""
-    try:
-        doc = json.loads(body)
-        window = doc["window"]
-        if doc["model"] != model:
-            return None
-        return DriftWindow(device_id=device_id, version=str(doc["model_version"]),
-                           end=float(window["end"]), predictions=int(window["predictions"]),
-                           max_psi=float(doc["max_psi"]), alerts=int(doc.get("alerts") or 0),
-                           threshold=float(doc["threshold"]))
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def drift_line(device_id: str, windows: Sequence[DriftWindow], *, since: float | None = None
-               ) -> str:
-    """One device's drift windows, oldest first, as the server has them: the max PSI of each
-    (``*`` after a value: the window closed at or after ``since``) and a verdict on the latest
-    against the device's alert threshold."""
-    if not windows:
-        return f"{device_id}: no drift window yet"
-    values = ", ".join(f"{w.max_psi:.3g}" + ("*" if since is not None and w.end >= since
-                                             else "") for w in windows)
-    last = windows[-1]
-    verdict = (f"ALERT: {last.max_psi:.3g} > {last.threshold:g} on {last.alerts} input "
-               "feature(s)" if last.max_psi > last.threshold
-               else f"ok: {last.max_psi:.3g} <= {last.threshold:g}")
-    return (f"{device_id}: {len(windows)} window(s) of {last.version}, max PSI each: {values}"
-            f" -> {verdict}")
-
-
-def show_server_drift(server_dir: Path, model: str, version: str, devices: Sequence[str], *,
-                      since: float | None = None,
-                      until: Callable[[Mapping[str, list[DriftWindow]]], bool] | None = None,
-                      timeout: float = 30.0) -> dict[str, list[DriftWindow]]:
-    """Print, per device, the drift windows of ``model`` ``version`` the server has stored
-    (oldest first, see :func:`drift_line`), after waiting up to ``timeout`` for ``until``.
-
-    The server has no command for this yet (``fleet_server monitor drift MODEL --device ID
-    --version V`` is coming with issue 7): until it does, this reads the drift summaries the
-    server stored, straight from its database (``device_records``, read-only). They are the
-    devices' own summaries, ingested over MQTT; no raw input ever left a device.
-
-    Returns:
-        device id -> its windows of ``version``, oldest first.
+    The view has no per-window rows: per time bucket it gives each device's largest PSI and
+    how many windows it folded. Asked with buckets small enough that each holds at most one
+    window of the device (the demo asks for 1 s buckets and lets a second pass between two
+    windows), a bucket's value is that one window's own. A bucket holding several would hide
+    all but the largest, so this refuses it rather than pass off a maximum as every window.
 
     Raises:
-        DemoError: ``until`` did not hold within ``timeout``.
+        ValueError: a bucket holds more than one window of ``device_id``.
     """
-    db = server_dir / "fleet.db"
-    note(f">>> sqlite3 (read-only) {os.path.relpath(db)}: SELECT device_id, body FROM "
-         "device_records WHERE kind = 'drift.summary' ORDER BY device_id, seq")
-    note("    (the drift summaries the devices sent; `fleet_server monitor drift` will show "
-         "them: issue 7)")
+    out: list[float] = []
+    for bucket in view.get("buckets") or ():
+        for row in bucket.get("devices") or ():
+            if row.get("device") != device_id or row.get("max_psi") is None:
+                continue
+            if int(row.get("windows") or 0) != 1:
+                raise ValueError(f"drift view bucket {bucket.get('start')} of "
+                                 f"{view.get('bucket_s')} s: expected at most one window of "
+                                 f"{device_id}, got {row.get('windows')}; ask for smaller "
+                                 "buckets")
+            out.append(float(row["max_psi"]))
+    return out
 
-    def read() -> dict[str, list[DriftWindow]]:
-        out: dict[str, list[DriftWindow]] = {d: [] for d in devices}
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
-                                                timeout=10)) as conn:
-            rows = conn.execute("SELECT device_id, body FROM device_records WHERE kind = "
-                                "'drift.summary' ORDER BY device_id, seq").fetchall()
-        for device_id, body in rows:
-            window = parse_drift_body(device_id, body, model)
-            if device_id in out and window is not None and window.version == version:
-                out[device_id].append(window)
-        return out
 
-    def ready() -> dict[str, list[DriftWindow]] | None:
-        found = read()
-        return found if until is None or until(found) else None
+def drift_line(device_id: str, values: Sequence[float], threshold: float, *,
+               shifted_from: int | None = None) -> str:
+    """One device's drift windows, oldest first, as the server has them: the max PSI of each
+    (``*`` after a value: a window from index ``shifted_from`` on, sent after the inputs
+    shifted) and a verdict on the latest against ``threshold`` (the alert rule's)."""
+    if not values:
+        return f"{device_id}: no drift window yet"
+    shown = ", ".join(f"{v:.3g}" + ("*" if shifted_from is not None and i >= shifted_from
+                                    else "") for i, v in enumerate(values))
+    last = values[-1]
+    verdict = (f"OVER the alert threshold: {last:.3g} > {threshold:g}" if last > threshold
+               else f"ok: {last:.3g} <= {threshold:g}")
+    return f"{device_id}: {len(values)} window(s), max PSI each: {shown} -> {verdict}"
 
-    try:
-        found = wait_for(f"the server to hold the drift windows of {', '.join(devices)}",
-                         ready, timeout=timeout, interval=0.5)
-    except DemoError:
-        for device_id, windows in read().items():
-            note(f"  -> {drift_line(device_id, windows, since=since)}")
-        raise
-    for device_id, windows in found.items():
-        note(f"  -> {drift_line(device_id, windows, since=since)}")
-    return found
+
+def alert_devices(alert: Mapping[str, Any]) -> list[str]:
+    """The devices an alert (a row of ``GET /v1/alerts``) says are over its threshold, worst
+    first."""
+    return [str(b.get("device")) for b in alert.get("devices") or ()]

@@ -7,8 +7,11 @@ produces those answers on the server and the devices:
 
 - :func:`rollout_line` over :func:`fleet_server.rollout.summary` of states the real planner
   reaches (a canary wave baking, health gates waiting then passing, completion, a rollback);
-- :func:`show_server_drift` over a real fleet database holding drift summaries made by the
-  agent's :class:`~agent.drift.summary.DriftMonitor` and stored by the server's ingest;
+- :func:`drift_windows` and :func:`alert_devices` over the admin API's answers (the drift view
+  with 1 s buckets, the alert list) about drift summaries made by the agent's
+  :class:`~agent.drift.summary.DriftMonitor`, stored by the server's ingest and judged by the
+  server's alert evaluation;
+- :func:`http_answer` against a loopback HTTP server that redirects as the dashboard does;
 - :func:`failing_copy` against the agent's own health check.
 """
 
@@ -16,23 +19,26 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from demo_lib import (
-    DriftWindow,
+    alert_devices,
     drift_line,
+    drift_windows,
     failing_copy,
-    parse_drift_body,
+    http_answer,
     rollout_line,
-    show_server_drift,
 )
 
 from agent.drift.summary import DRIFT_SUMMARY_KIND, DriftMonitor
@@ -42,9 +48,11 @@ from agent.protocol.messages import DriftBatch, Record
 from agent.protocol.topics import device_topic
 from agent.updater.health import RuntimeHealthChecker
 from fleet_server import auth
+from fleet_server.api import create_app
 from fleet_server.db import atomic
-from fleet_server.fleet import init_data_dir, open_fleet
+from fleet_server.fleet import Fleet, init_data_dir, open_fleet
 from fleet_server.ingest import handle_message
+from fleet_server.monitoring import AlertRule, create_rule, evaluate_alerts
 from fleet_server.registry import devices
 from fleet_server.rollout import (
     DeviceReport,
@@ -156,9 +164,9 @@ def test_rollout_line_shows_a_failing_gate_of_a_running_wave() -> None:
 
 # ------------------------------------------------------------------------------ drift
 @pytest.fixture
-def drift_windows(digits_mlp: ExampleModel) -> dict[str, list[dict[str, Any]]]:
+def drift_bodies(digits_mlp: ExampleModel) -> dict[str, list[dict[str, Any]]]:
     """Real drift summaries of the digits MLP: two windows per device, normal digits on pi-1,
-    digits whose central pixels are dead on pi-2 (the demo's drift)."""
+    normal then digits whose central pixels are dead on pi-2 (the demo's drift)."""
     session = ort.InferenceSession(str(digits_mlp.onnx_path),
                                    providers=["CPUExecutionProvider"])
 
@@ -171,8 +179,9 @@ def drift_windows(digits_mlp: ExampleModel) -> dict[str, list[dict[str, Any]]]:
         x_eval = ev["input"].astype(np.float32)
     baseline = compute_baseline({"input": x_cal}, outputs(x_cal), task="classification",
                                 source="calibration")
+    x_drifted = np.concatenate([x_eval[:250], shifted(x_eval[250:], "dead")])
     out: dict[str, list[dict[str, Any]]] = {}
-    for device_id, x in (("pi-1", x_eval), ("pi-2", shifted(x_eval, "dead"))):
+    for device_id, x in (("pi-1", x_eval), ("pi-2", x_drifted)):
         monitor = DriftMonitor(baseline, window=250, window_s=3600.0, model="digits",
                                version=NEW)
         bodies = []
@@ -185,68 +194,151 @@ def drift_windows(digits_mlp: ExampleModel) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-@pytest.mark.slow
-def test_show_server_drift_prints_what_the_devices_sent(
-        tmp_path: Path, drift_windows: dict[str, list[dict[str, Any]]],
-        capsys: pytest.CaptureFixture[str]) -> None:
+#: an admin API client, its headers, and the fleet behind it
+Served = tuple[TestClient, dict[str, str], Fleet]
+
+
+@pytest.fixture
+def served_drift(tmp_path: Path, drift_bodies: dict[str, list[dict[str, Any]]]
+                 ) -> Iterator[Served]:
+    """A real fleet whose ingest received ``drift_bodies``: pi-1's and pi-2's first windows at
+    NOW + 10, their second at NOW + 11 (one second apart, as the demo feeds them), and
+    another model's and another version's windows from pi-2 in between; an admin API on it."""
     settings = Settings(data_dir=tmp_path / "server")
-    init_data_dir(settings, clock=lambda: NOW)
-    fleet = open_fleet(settings, clock=lambda: NOW)
+    clock = lambda: NOW + 30  # noqa: E731
+    init_data_dir(settings, clock=clock)
+    fleet = open_fleet(settings, clock=clock)
     admin = auth.Principal("t", "test", "admin")
     with atomic(fleet.engine) as conn:
         for device_id in ("pi-1", "pi-2", "pi-3"):
             devices.provision(fleet, conn, device_id=device_id, profile="rpi4", tags=[],
                               actor=admin)
-    other = {**drift_windows["pi-2"][0], "model": "another-model"}
-    stale = {**drift_windows["pi-2"][0], "model_version": OLD}
-    sent = {"pi-1": drift_windows["pi-1"],
-            "pi-2": [other, stale, {"window": "not an object"}, *drift_windows["pi-2"]]}
-    for device_id, bodies in sent.items():
-        batch = DriftBatch(device_id=device_id, records=tuple(
-            Record(seq=i, kind=DRIFT_SUMMARY_KIND, at=NOW, body=b)
-            for i, b in enumerate(bodies, 1)))
+        _, token = auth.create_token(conn, name="demo", scope="admin", now=NOW)
+    dead = drift_bodies["pi-2"][1]
+    sent = [(10, "pi-1", [drift_bodies["pi-1"][0]]), (10, "pi-2", [drift_bodies["pi-2"][0]]),
+            (11, "pi-2", [{**dead, "model": "another-model"}, {**dead, "model_version": OLD},
+                          {"window": "not an object"}]),
+            (11, "pi-1", [drift_bodies["pi-1"][1]]), (11, "pi-2", [dead])]
+    seqs = dict.fromkeys(FLEET, 0)
+    for at, device_id, bodies in sent:
+        records = []
+        for b in bodies:
+            seqs[device_id] += 1
+            records.append(Record(seq=seqs[device_id], kind=DRIFT_SUMMARY_KIND, at=NOW, body=b))
+        batch = DriftBatch(device_id=device_id, records=tuple(records))
         result = handle_message(fleet, device_topic(device_id, "drift"), batch.to_bytes(),
-                                now=NOW)
+                                now=NOW + at)
         assert result.stored == len(bodies)
+    with TestClient(create_app(settings, clock=clock, fleet=fleet)) as client:
+        yield client, {"Authorization": f"Bearer {token}"}, fleet
     fleet.engine.dispose()
 
-    found = show_server_drift(settings.data_dir, "digits", NEW, ["pi-1", "pi-2", "pi-3"])
 
-    # only this model and version, oldest first, exactly the numbers the devices computed
-    assert {d: [w.max_psi for w in ws] for d, ws in found.items()} == {
-        "pi-1": [b["max_psi"] for b in drift_windows["pi-1"]],
-        "pi-2": [b["max_psi"] for b in drift_windows["pi-2"]],
-        "pi-3": []}
-    assert all(w.max_psi <= w.threshold for w in found["pi-1"])
-    assert all(w.max_psi > w.threshold for w in found["pi-2"])
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[-3:] == [f"  -> {drift_line(d, found[d])}" for d in ("pi-1", "pi-2", "pi-3")]
-    assert "ALERT" in printed[-2] and "ok: " in printed[-3]
-    assert printed[-1] == "  -> pi-3: no drift window yet"
+def _drift_view(client: TestClient, headers: dict[str, str], **params: int) -> dict[str, Any]:
+    """What ``FleetClient.monitor_drift("digits", version=NEW, **params)`` returns."""
+    got = client.get("/v1/monitoring/models/digits/drift", headers=headers,
+                     params={"version": NEW, **params})
+    assert got.status_code == 200, got.text
+    view: dict[str, Any] = got.json()
+    return view
 
 
-def test_drift_line_marks_windows_since_and_judges_the_latest() -> None:
-    def window(psi: float, end: float, alerts: int = 0) -> DriftWindow:
-        return DriftWindow(device_id="pi-2", version=NEW, end=end, predictions=400,
-                           max_psi=psi, alerts=alerts, threshold=0.25)
+@pytest.mark.slow
+def test_drift_windows_reads_each_window_from_the_servers_view(
+        served_drift: Served, drift_bodies: dict[str, list[dict[str, Any]]]) -> None:
+    client, headers, _ = served_drift
+    view = _drift_view(client, headers, since=NOW, bucket=1)
 
-    windows = [window(0.1191, 10.0), window(8.0961, 20.0, 16), window(8.1, 30.0, 16)]
-    assert drift_line("pi-2", windows, since=15.0) == (
-        "pi-2: 3 window(s) of 2.0.0, max PSI each: 0.119, 8.1*, 8.1* -> ALERT: 8.1 > 0.25 on "
-        "16 input feature(s)")
-    assert drift_line("pi-1", windows[:1]) == (
-        "pi-1: 1 window(s) of 2.0.0, max PSI each: 0.119 -> ok: 0.119 <= 0.25")
+    # exactly the numbers the devices computed, oldest first; only this model and version
+    found = {d: drift_windows(view, d) for d in ("pi-1", "pi-2", "pi-3")}
+    assert found == {d: [b["max_psi"] for b in drift_bodies.get(d, [])]
+                     for d in ("pi-1", "pi-2", "pi-3")}
+    assert all(v <= 0.25 for v in found["pi-1"])
+    assert found["pi-2"][0] <= 0.25 < found["pi-2"][1]
+    rows = {d["device"]: d for d in view["devices"]}
+    assert (rows["pi-2"]["first_max_psi"], rows["pi-2"]["latest_max_psi"]) == (
+        pytest.approx(found["pi-2"][0]), pytest.approx(found["pi-2"][1]))
+
+    # since is exclusive: what the server received in that very second is left out (the demo
+    # waits for the next second before feeding what it wants to see apart)
+    later = _drift_view(client, headers, since=NOW + 10, bucket=1)
+    assert {d: drift_windows(later, d) for d in ("pi-1", "pi-2")} == {
+        d: [found[d][1]] for d in ("pi-1", "pi-2")}
+
+    # a bucket folding two windows shows only the larger: refused, not passed off as both
+    coarse = _drift_view(client, headers, since=NOW, bucket=60)
+    with pytest.raises(ValueError, match=r"expected at most one window of pi-2, got 2"):
+        drift_windows(coarse, "pi-2")
 
 
-@pytest.mark.parametrize("raw", [
-    "not json", "[]", json.dumps({"model": "digits"}),
-    json.dumps({"model": "digits", "model_version": NEW, "window": {"end": 1},
-                "max_psi": 0.1, "threshold": 0.25}),  # no predictions
-    json.dumps({"model": "digits", "model_version": NEW,
-                "window": {"end": 1, "predictions": 4}, "max_psi": "high", "threshold": 0.25}),
-])
-def test_parse_drift_body_skips_malformed_bodies(raw: str) -> None:
-    assert parse_drift_body("pi-1", raw, "digits") is None
+@pytest.mark.slow
+def test_alert_devices_names_who_a_real_drift_alert_is_about(
+        served_drift: Served) -> None:
+    client, headers, fleet = served_drift
+    # the demo's rule (its model is not pushed here, which the API's route would require)
+    with atomic(fleet.engine) as conn:
+        create_rule(conn, AlertRule(id=0, model="digits", kind="drift_psi", threshold=0.25,
+                                    min_devices=1, window_s=300, min_samples=250),
+                    actor=auth.Principal("t", "test", "admin"), now=NOW + 30)
+    transitions = evaluate_alerts(fleet, now=NOW + 30)
+    assert [t.after for t in transitions] == ["firing"]
+    alerts = client.get("/v1/alerts", headers=headers, params={"state": "firing"}).json()
+    assert [alert_devices(a) for a in alerts["items"]] == [["pi-2"]]
+    assert "pi-2" in alerts["items"][0]["summary"]
+
+
+def test_drift_line_marks_windows_after_the_shift_and_judges_the_latest() -> None:
+    assert drift_line("pi-2", [0.1191, 8.0961, 8.1], 0.25, shifted_from=1) == (
+        "pi-2: 3 window(s), max PSI each: 0.119, 8.1*, 8.1* -> OVER the alert threshold: "
+        "8.1 > 0.25")
+    assert drift_line("pi-1", [0.1191], 0.25) == (
+        "pi-1: 1 window(s), max PSI each: 0.119 -> ok: 0.119 <= 0.25")
+    assert drift_line("pi-3", [], 0.25) == "pi-3: no drift window yet"
+
+
+def test_drift_windows_of_a_device_that_sent_none() -> None:
+    view = {"bucket_s": 1, "buckets": [
+        {"start": 10, "devices": [{"device": "pi-1", "max_psi": 0.1, "windows": 1}]},
+        {"start": 11, "devices": []}]}
+    assert drift_windows(view, "pi-2") == []
+    assert drift_windows(view, "pi-1") == [0.1]
+
+
+# ------------------------------------------------------------------------------ dashboard
+class _Pages(BaseHTTPRequestHandler):
+    """/ui/ redirects to the sign-in page, as the server's dashboard does without a session."""
+
+    def do_GET(self) -> None:
+        if self.path == "/ui/":
+            self.send_response(303)
+            self.send_header("Location", "/ui/login?next=%2Fui%2F")
+        else:
+            self.send_response(200 if self.path.startswith("/ui/login") else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_http_answer_reports_a_redirect_without_following_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Pages)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+                              daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert http_answer(f"{url}/ui/") == (303, "/ui/login?next=%2Fui%2F")
+        assert http_answer(f"{url}/ui/login") == (200, "")
+        assert http_answer(f"{url}/nothing") == (404, "")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert http_answer(f"{url}/ui/") is None  # nothing listens any more
 
 
 # ------------------------------------------------------------------------------ failing_copy

@@ -1097,16 +1097,28 @@ def rollout_cancel(rollout_id: int, reason: str | None) -> None:
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """``90``, ``90s``, ``15m``, ``6h``, ``2d`` -> seconds."""
+def _parse_duration(ctx: click.Context, param: click.Parameter, value: str | None, *,
+                    zero: bool) -> int | None:
+    """``90``, ``90s``, ``15m``, ``6h``, ``2d`` -> seconds (``0`` only where ``zero``)."""
     if value is None:
         return None
     number, unit = value[:-1] if value[-1:].isalpha() else value, value[-1:].lower() \
         if value[-1:].isalpha() else ""
-    if not number.isdigit() or unit not in _DURATION_UNITS or int(number) == 0:
-        raise click.BadParameter(f"{value!r}: expected a duration such as 90s, 15m, 6h or 2d",
-                                 ctx, param)
+    if not number.isdigit() or unit not in _DURATION_UNITS or (int(number) == 0 and not zero):
+        expected = "a duration such as " + ("0, " if zero else "") + "90s, 15m, 6h or 2d"
+        raise click.BadParameter(f"{value!r}: expected {expected}", ctx, param)
     return int(number) * _DURATION_UNITS[unit]
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A duration over 0: a range, a bucket or a window."""
+    return _parse_duration(ctx, param, value, zero=False)
+
+
+def _hold_duration(ctx: click.Context, param: click.Parameter, value: str | None
+                   ) -> int | None:
+    """A duration that may be 0 (``--for 0s``: at once, the default)."""
+    return _parse_duration(ctx, param, value, zero=True)
 
 
 def span_options(fn: F) -> F:
@@ -1246,7 +1258,7 @@ def alert_rule() -> None:
               help="One version of the model [default: every version].")
 @click.option("--min-devices", type=click.IntRange(min=1), default=1, show_default=True,
               help="Devices that must be over the threshold at once.")
-@click.option("--for", "for_s", callback=_duration, metavar="DURATION",
+@click.option("--for", "for_s", callback=_hold_duration, metavar="DURATION",
               help="How long it must hold before the alert fires [default: 0, at once].")
 @click.option("--window", "window_s", callback=_duration, metavar="DURATION",
               help="How much of each device's history is judged [default: 5m].")

@@ -345,8 +345,8 @@ def test_monitor_and_alert_commands(server: Server, tmp_path: Path) -> None:
                          re.MULTILINE), fleet_out.stdout
 
         added = server.run("alert", "rule", "add", "mon", "--kind", "drift_psi", "--threshold",
-                           "0.5", "--window", "10m", "--json")
-        assert added.exit_code == 0, added.output
+                           "0.5", "--window", "10m", "--for", "0s", "--json")
+        assert added.exit_code == 0, added.output  # --for 0: at once, as the default
         rule = json.loads(added.stdout)
         assert (rule["threshold"], rule["window_s"], rule["for_s"]) == (0.5, 600, 0)
         assert "10m" in server.run("alert", "rule", "list").stdout
@@ -365,6 +365,7 @@ def test_monitor_and_alert_commands(server: Server, tmp_path: Path) -> None:
 
     for args, code, words in [
             (["monitor", "drift", "mon", "--since", "soon"], 2, "expected a duration"),
+            (["monitor", "drift", "mon", "--since", "0s"], 2, "such as 90s"),
             (["monitor", "model", "nope"], 1, "model 'nope' not found"),
             (["alert", "rule", "add", "mon", "--kind", "drift_psi"], 1,
              "threshold: expected a PSI > 0"),

@@ -6,10 +6,15 @@
   broker named by ``mqtt_url`` (Mosquitto is the tested one; see ``mosquitto-config``).
 - The server's own MQTT password lives in ``<data_dir>/mqtt/server.secret`` (0600).
 - Incoming ``reported``/``status``/``telemetry``/``drift`` messages are stored by
-  :func:`fleet_server.ingest.handle_message` on ONE worker thread (in arrival order, one SQLite
-  writer), and acks are published back from a second thread, so ingest never waits for a
-  PUBACK: when several acks for one (device, stream) are waiting, only the newest (highest)
-  is sent, since it covers the others.
+  :func:`fleet_server.ingest.handle_messages` on ONE worker thread (in arrival order, one
+  SQLite writer). The worker takes what queued up while it was busy, up to
+  :data:`INGEST_GROUP` messages, and stores it in one transaction (group commit: the
+  transaction's fixed cost was most of a small batch's); their acks are queued only after the
+  commit. If a group's transaction fails, its messages are stored one at a time, so one
+  message the database refuses holds back no other device.
+- Acks are published back from a second thread, so ingest never waits for a PUBACK: when
+  several acks for one (device, stream) are waiting, only the newest (highest) is sent, since
+  it covers the others.
 - Desired states go out through :class:`LinkPublisher` (retained, QoS 1, PUBACK awaited).
 - A maintenance loop re-signs the TUF timestamp before it expires, re-plans the rollouts (a
   bake time over, an offline device's grace run out), re-signs desired states near expiry,
@@ -29,6 +34,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -37,13 +43,16 @@ from fleet_server.db import atomic
 from fleet_server.deploy.service import advance_rollouts, publish_pending, replan_after_reports
 from fleet_server.errors import BrokerError, FleetError
 from fleet_server.fleet import Fleet, server_mqtt_secret
-from fleet_server.ingest import IngestCounters, handle_message
+from fleet_server.ingest import IngestCounters, handle_messages
 from fleet_server.monitoring import WebhookSender, evaluate_alerts
 from fleet_server.settings import SERVER_MQTT_USER
 
 __all__ = ["LinkPublisher", "MqttRuntime", "attach_mqtt"]
 
 log = logging.getLogger(__name__)
+#: messages stored per transaction at most (group commit): enough to spread a transaction's
+#: fixed cost, few enough that a group's acks are not held back long
+INGEST_GROUP = 64
 
 
 class LinkPublisher:
@@ -112,6 +121,10 @@ class MqttRuntime:
         self._task: asyncio.Task[None] | None = None
         self._ingest_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edgefleet-ingest")
+        # messages waiting for the ingest worker, and whether a drain is submitted
+        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._inbox_lock = threading.Lock()
+        self._draining = False
         self.ingested = 0
         self._seen_connects: int | None = None  # link.connect_count at the last pass
         # acks: one sender thread; per (device, stream) only the newest waiting ack is sent
@@ -195,31 +208,67 @@ class MqttRuntime:
         return kick
 
     def _on_message(self, msg: Any) -> None:
-        """On the event loop thread: hand the message to the single ingest worker."""
-        self._ingest_pool.submit(self._ingest, msg.topic, msg.payload)
+        """On the event loop thread: queue the message for the single ingest worker (no I/O),
+        and wake it unless it is already draining the queue."""
+        with self._inbox_lock:
+            self._inbox.append((msg.topic, msg.payload))
+            if self._draining:
+                return
+            self._draining = True
+        self._ingest_pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        """On the ingest worker: store what is queued, up to :data:`INGEST_GROUP` messages per
+        transaction, until the queue is empty. Under load a group holds what arrived during
+        the previous one; when idle, a message is stored alone at once."""
+        while True:
+            with self._inbox_lock:
+                if not self._inbox:
+                    self._draining = False
+                    return
+                group = [self._inbox.popleft()
+                         for _ in range(min(len(self._inbox), INGEST_GROUP))]
+            try:
+                self._ingest_group(group)
+            except Exception:  # a bug, not device input (that is refused): store the rest
+                log.exception("ingest of %d message(s) failed", len(group))
 
     def ingest(self, topic: str, payload: bytes) -> None:
         """Store one device message on the calling thread, as the ingest worker does: publish
         its ack (waiting until it is sent), and queue a re-plan when it is a device's reported
         state."""
-        self._ingest(topic, payload)
+        self._ingest_group([(topic, payload)])
         self.wait_acks()
 
-    def _ingest(self, topic: str, payload: bytes) -> None:
+    def _ingest_group(self, messages: list[tuple[str, bytes]]) -> None:
+        """Store messages in one transaction, then count them and queue their acks (only now:
+        an ack must never cover a record that is not committed)."""
+        now = int(self._clock())
         try:
-            result = handle_message(self.fleet, topic, payload, now=int(self._clock()))
-        except FleetError as exc:  # the database failed: the device will resend, unacked
-            log.error("ingest failed for %s: %s", topic[:200], exc)
-            return
-        self.ingested += 1
-        self.counters.count(result)
-        # a report moves a device's outcome at once; health numbers (telemetry, drift) are
-        # judged by the next tick of the running rollouts: re-planning per telemetry message
-        # cost the ingest benchmark 7-15 % of the server's CPU
-        if result.kind == "reported" and result.device_id:
-            self._replan_soon(result.device_id)
-        if result.ack_payload is not None and result.device_id and self.fleet.publisher:
-            self._ack_soon(result.device_id, result.kind, result.ack_payload)
+            results = handle_messages(self.fleet, messages, now=now)
+        except FleetError as exc:  # the database failed: the devices will resend, unacked
+            if len(messages) == 1:
+                log.error("ingest failed for %s: %s", messages[0][0][:200], exc)
+                return
+            # one message's failure must not hold back the others: store each alone
+            log.warning("ingest of %d messages in one transaction failed (%s): storing them "
+                        "one at a time", len(messages), exc)
+            results = []
+            for topic, payload in messages:
+                try:
+                    results += handle_messages(self.fleet, [(topic, payload)], now=now)
+                except FleetError as one:
+                    log.error("ingest failed for %s: %s", topic[:200], one)
+        for result in results:
+            self.ingested += 1
+            self.counters.count(result)
+            # a report moves a device's outcome at once; health numbers (telemetry, drift)
+            # are judged by the next tick of the running rollouts: re-planning per telemetry
+            # message cost the ingest benchmark 7-15 % of the server's CPU
+            if result.kind == "reported" and result.device_id:
+                self._replan_soon(result.device_id)
+            if result.ack_payload is not None and result.device_id and self.fleet.publisher:
+                self._ack_soon(result.device_id, result.kind, result.ack_payload)
 
     def _ack_soon(self, device_id: str, stream: str, payload: bytes) -> None:
         """Queue an ack (called on the ingest thread, no I/O). Acks of one stream come in

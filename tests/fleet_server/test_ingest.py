@@ -13,7 +13,7 @@ from agent.protocol.topics import device_topic
 from fleet_server import auth
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet, init_data_dir, open_fleet
-from fleet_server.ingest import handle_message
+from fleet_server.ingest import REJECT_COUNTS, handle_message, handle_messages
 from fleet_server.registry import devices
 from fleet_server.settings import Settings
 
@@ -167,3 +167,78 @@ def test_reject_reason_never_contains_the_payload(fleet: Fleet) -> None:
     with atomic(fleet.engine) as conn:
         reasons = [r.reason for r in conn.execute(select(tables.ingest_rejects))]
     assert all("hunter2" not in r for r in reasons), json.dumps(reasons)
+
+
+def acks_held(fleet: Fleet) -> dict[tuple[str, str], int]:
+    with atomic(fleet.engine) as conn:
+        return {(r.device_id, r.stream): r.upto_seq
+                for r in conn.execute(select(tables.stream_acks))}
+
+
+def test_a_group_is_stored_in_order_and_each_hostile_message_is_refused_alone(
+        fleet: Fleet) -> None:
+    tel_a, tel_b = device_topic("dev-a", "telemetry"), device_topic("dev-b", "telemetry")
+    handle_message(fleet, tel_a, batch("dev-a", [1]), now=NOW)
+    before = REJECT_COUNTS.copy()
+    group = [
+        (tel_a, batch("dev-a", [3, 4])),  # a gap: the ack stays at 1
+        (tel_b, batch("dev-b", [1, 2])),  # a stream seen for the first time
+        (tel_a, b"{nope"),
+        (device_topic("dev-zzz", "telemetry"), batch("dev-zzz", [1])),
+        (device_topic("dev-a", "ack"), Ack(device_id="dev-a", stream="telemetry",
+                                           upto_seq=9).to_bytes()),
+        (tel_a, batch("dev-a", [2, 3])),  # closes the gap; 3 is a duplicate within the group
+        (device_topic("dev-b", "status"),
+         Status(device_id="dev-b", online=True, at=NOW).to_bytes()),
+        (tel_b, batch("dev-b", [3])),
+    ]
+    results = handle_messages(fleet, group, now=NOW + 7)
+    assert [r.kind for r in results] == ["telemetry", "telemetry", "rejected", "rejected",
+                                         "rejected", "telemetry", "status", "telemetry"]
+    assert [r.reject_class for r in results if r.rejected] == [
+        "malformed", "unknown_device", "forged"]
+    assert [(r.stored, r.duplicates, ack_upto(r)) for r in results if r.kind == "telemetry"
+            ] == [(2, 0, 1), (2, 0, 2), (1, 1, 4), (1, 0, 3)]
+    assert stored(fleet, "dev-a") == [1, 2, 3, 4] and stored(fleet, "dev-b") == [1, 2, 3]
+    assert acks_held(fleet) == {("dev-a", "telemetry"): 4, ("dev-b", "telemetry"): 3}
+    assert REJECT_COUNTS - before == {"malformed": 1, "unknown_device": 1, "forged": 1}
+    with atomic(fleet.engine) as conn:
+        assert conn.execute(select(func.count()).select_from(tables.ingest_rejects)).scalar() == 3
+        got = devices.get_device(conn, "dev-a")
+    assert got["last_seen_at"] == NOW + 7
+
+
+def test_records_the_columns_cannot_hold_are_refused_before_the_transaction(
+        fleet: Fleet) -> None:
+    topic = device_topic("dev-a", "telemetry")
+    huge_seq = TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=2**63, kind="metrics", at=NOW, body={}),)).to_bytes()
+    long_kind = TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=5, kind="k" * 61, at=NOW, body={}),)).to_bytes()
+    nul_kind = TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=6, kind="a\x00b", at=NOW, body={}),)).to_bytes()
+    results = handle_messages(fleet, [(topic, huge_seq), (topic, batch("dev-a", [1])),
+                                      (topic, long_kind), (topic, nul_kind)], now=NOW)
+    assert [r.reject_class for r in results] == ["malformed", None, "malformed", "malformed"]
+    assert results[0].rejected is not None and str(2**63) in results[0].rejected
+    assert results[2].rejected is not None and "got 61 characters" in results[2].rejected
+    assert results[3].rejected is not None and "no NUL, got 3 characters" in (
+        results[3].rejected)
+    assert stored(fleet, "dev-a") == [1]
+
+
+def test_a_failed_group_stores_nothing_and_counts_nothing(fleet: Fleet) -> None:
+    from fleet_server.errors import StoreError
+
+    with atomic(fleet.engine) as conn:  # the database refuses dev-b's records
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse_b BEFORE INSERT ON device_records WHEN "
+            "NEW.device_id = 'dev-b' BEGIN SELECT RAISE(ABORT, 'refused for dev-b'); END")
+    before = REJECT_COUNTS.copy()
+    with pytest.raises(StoreError, match="refused for dev-b"):
+        handle_messages(fleet, [
+            (device_topic("dev-a", "telemetry"), batch("dev-a", [1])),
+            (device_topic("dev-a", "telemetry"), b"{nope"),
+            (device_topic("dev-b", "telemetry"), batch("dev-b", [1]))], now=NOW)
+    assert stored(fleet, "dev-a") == [] and acks_held(fleet) == {}
+    assert before == REJECT_COUNTS

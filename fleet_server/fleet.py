@@ -9,9 +9,9 @@ Layout of ``--data-dir`` (index of on-disk files; cf. STYLE rule 6)::
     director/public.pem   its public half, copied into provisioning files (since 1)
     uploads/              bundle uploads being received (0700; each deleted after its push)
 
-:class:`Fleet` bundles the engine, the TUF repository, the director key, the device profiles
-and the injected clock. It is built once (``open_fleet``) and passed explicitly; nothing here is
-global.
+:class:`Fleet` bundles the engine, the TUF repository, the director key, the device profiles,
+the injected clock and the token cache (:class:`~fleet_server.auth.TokenCache`). It is built
+once (``open_fleet``) and passed explicitly; nothing here is global.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 
 from agent.protocol.profiles import DeviceProfile, ProfileError, load_profiles
+from fleet_server.auth import TokenCache
 from fleet_server.db import atomic, make_engine, migrate
 from fleet_server.errors import Conflict, InvalidInput, StoreError
 from fleet_server.settings import Settings
@@ -59,6 +60,8 @@ class Fleet:
     clock: Callable[[], float] = time.time
     publisher: Publisher | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: bearer secret -> principal for a few seconds (the TUF routes; see fleet_server.auth)
+    tokens: TokenCache = field(default_factory=TokenCache)
 
     def now(self) -> int:
         return int(self.clock())

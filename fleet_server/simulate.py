@@ -28,9 +28,9 @@ Failure knobs (what a device experiences, nothing is mocked inside the agent):
   ``offline`` status goes out) and every TUF request fails as a transient download error. After
   ``--offline-for`` seconds both come back; the agents must converge on their own (the retained
   desired state, reconcile retries with backoff).
-- ``--slow-link-ms M``: every TUF request (metadata and targets: eight per update, as the agent
-  refreshes TUF metadata before each of its two downloads) waits M ms first. The delay is on
-  the download path only; MQTT publishes are not delayed.
+- ``--slow-link-ms M``: every TUF request (metadata and targets: six per update, one metadata
+  refresh of four requests, then the model file and its manifest) waits M ms first. The delay
+  is on the download path only; MQTT publishes are not delayed.
 
 The last two act through the agent's one injectable seam for this, ``Agent(tuf_fetcher=...)``.
 
@@ -82,7 +82,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -150,7 +150,7 @@ class SimConfig:
     latency_budget_ms: float = 10_000.0  # simulated devices' p95 budget; 0 = the profile's
     executor_threads: int = 16  # default executor of each agent loop (blocking agent work)
     worker_nice: int = 0  # niceness added to worker processes (the server keeps priority)
-    metrics_interval_s: float = 5.0  # agents' tick
+    metrics_interval_s: float = 10.0  # agents' tick (a real agent's default)
     poll_interval_s: float = 0.1  # convergence polling of the server's database
     work_dir: Path | None = None  # default: a new temporary directory, removed on close
     cache_dir: Path | None = None  # converted bundles; default: <work_dir>/bundles
@@ -351,7 +351,7 @@ class ShardOptions:
     slow_link_ms: float = 0.0
     profiles_dir: str | None = None
     executor_threads: int = 16
-    metrics_interval_s: float = 5.0
+    metrics_interval_s: float = 10.0
     connect_timeout_s: float = 120.0
     nice: int = 0  # added to a worker process's niceness
 
@@ -745,7 +745,6 @@ class FleetSimulation:
         self._shard_devices: list[list[DeviceSpec]] = []
         self.workers_used = config.workers
         self._ran = False
-        self._read_engine: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -798,9 +797,6 @@ class FleetSimulation:
             self._server.should_exit = True
             self._thread.join(30)
             self._server = self._thread = None
-        if self._read_engine is not None:
-            self._read_engine.dispose()
-            self._read_engine = None
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
@@ -943,37 +939,32 @@ class FleetSimulation:
                 last, since = now_count, time.monotonic()
             time.sleep(0.05)
 
-    @property
-    def _reader(self) -> Any:
-        """A plain engine on the server's database for polling: the server's own engine
-        begins every transaction IMMEDIATE (the write lock), which would stall ingest."""
-        if self._read_engine is None:
-            from sqlalchemy import create_engine
-
-            self._read_engine = create_engine(self.fleet.settings.db_url)
-        return self._read_engine
-
     def _online_count(self) -> int:
         from sqlalchemy import func, select
 
         from fleet_server.db import tables
+        from fleet_server.db.engine import reading
 
-        with self._reader.connect() as conn:
+        with reading(self.fleet.engine) as conn:  # a snapshot: ingest never waits for it
             return int(conn.execute(select(func.count()).select_from(tables.devices).where(
                 tables.devices.c.online.is_(True))).scalar_one())
 
-    def reported(self, since: int = 0) -> dict[str, dict[str, Any] | None]:
+    def reported(self, since: int = 0, only: Collection[str] | None = None
+                 ) -> dict[str, dict[str, Any] | None]:
         """device -> its last reported state as the server stored it (only devices that
-        reported at or after unix second ``since``)."""
+        reported at or after unix second ``since``, and only those in ``only`` if given)."""
         from sqlalchemy import select
 
         from fleet_server.db import tables
+        from fleet_server.db.engine import reading
 
         c = tables.devices.c
         query = select(c.id, c.reported)
         if since:
             query = query.where(c.reported_at >= since)
-        with self._reader.connect() as conn:
+        if only is not None:
+            query = query.where(c.id.in_(sorted(only)))
+        with reading(self.fleet.engine) as conn:
             rows = conn.execute(query).all()
         return {r.id: json.loads(r.reported) if r.reported else None for r in rows}
 
@@ -1046,7 +1037,8 @@ class FleetSimulation:
             if went_offline and not restored and elapsed >= cfg.offline_after_s + cfg.offline_for_s:
                 self._command_all("online", offline)
                 restored = True
-            reps.update(self.reported(since))
+            # only devices still pending: a poll costs what is left, not the whole fleet
+            reps.update(self.reported(since, only=specs.keys() - done_at.keys()))
             now = time.perf_counter() - t0
             for dev, spec in specs.items():
                 if dev in done_at or (spec.offline and not restored):

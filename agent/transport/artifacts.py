@@ -7,6 +7,11 @@ library the field already trusts. Targets download to ``<data_dir>/downloads`` (
 to a temporary file and renames only a verified one, so a partial file is never installed; an
 interrupted download simply restarts). The device token is sent on every request.
 
+One update refreshes the metadata once (:meth:`ArtifactFetcher.fetch_all`: root, timestamp,
+and snapshot and targets only when the timestamp names new versions), then downloads each of
+its targets against that one verified view: the model file and its manifest are checked against
+the same ``targets`` version, and a device asks the server for six files per update, not eight.
+
 python-tuf exceptions are translated here: signature, hash, length and expiry problems become
 :class:`ArtifactError` (fatal, reported); network problems become :class:`TransportError`
 (transient, retried).
@@ -15,7 +20,7 @@ python-tuf exceptions are translated here: signature, hash, length and expiry pr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from tuf.ngclient.updater import Updater
 
 from agent.errors import ArtifactError, TransportError
 from agent.protocol.provisioning import Provisioning
+from agent.updater.runner import TargetRequest
 
 __all__ = ["ArtifactFetcher", "AuthFetcher"]
 
@@ -64,7 +70,7 @@ class AuthFetcher(FetcherInterface):
 
 
 class ArtifactFetcher:
-    """Refresh TUF metadata and download verified targets."""
+    """Refresh TUF metadata and download verified targets (the runner's ``TargetFetcher``)."""
 
     def __init__(self, prov: Provisioning, data_dir: Path, *, max_bytes: int,
                  fetcher: FetcherInterface | None = None) -> None:
@@ -83,21 +89,19 @@ class ArtifactFetcher:
             tmp.write_bytes(self._prov.tuf_root)
             os.replace(tmp, root)
 
-    def fetch(self, target_path: str, *, expect_sha256: str | None = None,
-              expect_length: int | None = None) -> Path:
-        """Refresh metadata, then download and verify ``target_path``; return the local file.
-
-        ``expect_*`` come from the signed desired state: the TUF target must be the very file
-        the director named, not just any file TUF would accept under that name.
+    def fetch_all(self, targets: Sequence[TargetRequest]) -> list[Path]:
+        """Refresh metadata once, then download and verify each target; return the local files
+        in order (a target already downloaded and still valid is not fetched again).
 
         Raises:
-            ArtifactError: metadata or target failed verification, unknown target, or it is
-                not the file the desired state named (fatal).
-            TransportError: the server could not be reached or the download broke (retry).
+            ArtifactError: metadata or a target failed verification, an unknown target, or one
+                that is not the file the desired state named (fatal).
+            TransportError: the server could not be reached or a download broke (retry).
         """
         self._seed()
         config = UpdaterConfig(targets_max_length=self._max_bytes,
                                prefix_targets_with_hash=True)
+        current = targets[0].path if targets else ""
         try:
             updater = Updater(metadata_dir=str(self._meta_dir),
                               metadata_base_url=self._prov.tuf_metadata_url,
@@ -105,30 +109,37 @@ class ArtifactFetcher:
                               target_base_url=self._prov.tuf_targets_url,
                               fetcher=self._fetcher, config=config, bootstrap=None)
             updater.refresh()
-            info = updater.get_targetinfo(target_path)
-            if info is None:
-                raise ArtifactError(f"TUF target {target_path!r} is not in the signed targets")
-            if expect_length is not None and info.length != expect_length:
-                raise ArtifactError(f"TUF target {target_path!r}: length {info.length}, the "
-                                    f"desired state says {expect_length}")
-            digest = info.hashes.get("sha256")
-            if expect_sha256 is not None and digest != expect_sha256:
-                raise ArtifactError(f"TUF target {target_path!r}: sha256 {digest}, the desired "
-                                    f"state says {expect_sha256}")
-            local = self._dl_dir / target_path.replace("/", "__")
-            cached = updater.find_cached_target(info, str(local))
-            return Path(cached or updater.download_target(info, str(local)))
+            out = []
+            for target in targets:
+                current = target.path
+                out.append(self._download(updater, target))
+            return out
         except ArtifactError:
             raise
         except tuf_exc.DownloadHTTPError as exc:
             if exc.status_code in (401, 403, 404):
-                raise ArtifactError(f"server refused {target_path!r}: HTTP "
+                raise ArtifactError(f"server refused {current!r}: HTTP "
                                     f"{exc.status_code}") from exc
-            raise TransportError(f"download of {target_path!r} failed: {exc}") from exc
+            raise TransportError(f"download of {current!r} failed: {exc}") from exc
         except (tuf_exc.SlowRetrievalError, tuf_exc.DownloadError, OSError) as exc:
             if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
-                raise ArtifactError(f"{target_path!r}: {exc}") from exc
-            raise TransportError(f"download of {target_path!r} failed: {exc}") from exc
+                raise ArtifactError(f"{current!r}: {exc}") from exc
+            raise TransportError(f"download of {current!r} failed: {exc}") from exc
         except tuf_exc.RepositoryError as exc:
-            raise ArtifactError(f"TUF refused {target_path!r}: {type(exc).__name__}: "
+            raise ArtifactError(f"TUF refused {current!r}: {type(exc).__name__}: "
                                 f"{exc}") from exc
+
+    def _download(self, updater: Updater, target: TargetRequest) -> Path:
+        info = updater.get_targetinfo(target.path)
+        if info is None:
+            raise ArtifactError(f"TUF target {target.path!r} is not in the signed targets")
+        if target.expect_length is not None and info.length != target.expect_length:
+            raise ArtifactError(f"TUF target {target.path!r}: length {info.length}, the "
+                                f"desired state says {target.expect_length}")
+        digest = info.hashes.get("sha256")
+        if target.expect_sha256 is not None and digest != target.expect_sha256:
+            raise ArtifactError(f"TUF target {target.path!r}: sha256 {digest}, the desired "
+                                f"state says {target.expect_sha256}")
+        local = self._dl_dir / target.path.replace("/", "__")
+        cached = updater.find_cached_target(info, str(local))
+        return Path(cached or updater.download_target(info, str(local)))

@@ -33,6 +33,15 @@ Failed         roll back if the new version is active, clean up, report ``failed
 Committed, RolledBack and Failed are *final*: the update ends in one of them once its work is
 done and reported. Their work can still fail (CommitFailed, RollbackFailed), which is why two of
 them have outgoing transitions; Failed has none.
+
+Entering a state is always committed before its work (a crashed *process* finds it). Entering
+one of :data:`DURABLE_STATES` is also flushed to the disk (fsync) first, because their work
+changes what runs: the health check loads the new model (which may take the whole device down,
+and the boot-loop counter must survive that), and the final states move the ``current``
+pointer. The work of the other states (download, verify, copy into a staging directory) changes
+nothing that runs and is re-runnable, so after a power cut that lost their record, recovery
+simply redoes it. SQLite writes WAL commits in order, so the next durable write makes the
+earlier ones durable too.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from enum import StrEnum
 from types import MappingProxyType
 
 __all__ = [
+    "DURABLE_STATES",
     "FAILURE_EVENTS",
     "FINAL_STATES",
     "RESULTS",
@@ -133,6 +143,9 @@ RESULTS: Mapping[State, str] = MappingProxyType({
 })
 
 FINAL_STATES: frozenset[State] = frozenset(RESULTS)
+
+#: states whose entry is fsynced before their work runs (see the module docstring)
+DURABLE_STATES: frozenset[State] = frozenset({_S.HEALTH_CHECK, *FINAL_STATES})
 
 
 class UndefinedTransition(RuntimeError):

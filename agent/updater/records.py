@@ -1,8 +1,12 @@
 """Persisted update records: :class:`UpdateRecord` and :class:`StateStore` over ``state.db``.
 
-Persist before you act: the runner writes the record with its *new* state (one transaction,
-``synchronous=FULL``) before that state's work starts, so after a crash the record says what was
-in flight, and :func:`agent.updater.recovery.recover` decides what to do about it.
+Persist before you act: the runner writes the record with its *new* state (one transaction)
+before that state's work starts, so after a crash the record says what was in flight, and
+:func:`agent.updater.recovery.recover` decides what to do about it. A ``durable`` write is also
+flushed to the disk (``synchronous=FULL``: it survives a power cut); the others
+(``synchronous=NORMAL`` under WAL) survive a crashed or killed process, and become durable with
+the next durable write. Which writes must be durable is the machine's decision
+(:data:`agent.updater.machine.DURABLE_STATES`).
 
 Index of what this module keeps on disk (STYLE rule 6; ``<data_dir>/state.db``)::
 
@@ -210,8 +214,8 @@ _SCHEMA = (
 class StateStore:
     """The update records in a real SQLite file (``<data_dir>/state.db``).
 
-    Every :meth:`save` is one ``BEGIN IMMEDIATE`` transaction with ``synchronous=FULL``: when it
-    returns, the record survives a power cut, which is what "persist before act" relies on.
+    Every :meth:`save` is one ``BEGIN IMMEDIATE`` transaction: when it returns, the record
+    survives the process dying, and, if it was ``durable`` (``synchronous=FULL``), a power cut.
     Safe to share between threads (one connection behind a lock); several processes may open
     the same file (WAL).
     """
@@ -230,6 +234,7 @@ class StateStore:
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._durable = True  # the connection's synchronous setting: FULL
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
         with self._tx() as db:
@@ -252,9 +257,14 @@ class StateStore:
         return cls(Path(data_dir) / STATE_DB)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool | None = None) -> Iterator[sqlite3.Connection]:
+        """One transaction; ``durable`` True/False sets ``synchronous`` FULL/NORMAL for it
+        (``None``: as it is, for reads)."""
         with self._lock:
             try:
+                if durable is not None and durable != self._durable:
+                    self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
@@ -265,19 +275,22 @@ class StateStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"state database {self.path}: {exc}") from exc
 
-    def save(self, record: UpdateRecord, *, applied_sequence: int | None = None) -> None:
+    def save(self, record: UpdateRecord, *, applied_sequence: int | None = None,
+             durable: bool = True) -> None:
         """Write ``record`` (insert or replace by update id), in one transaction.
 
         Args:
             record: the record to persist.
             applied_sequence: also raise the applied desired-state sequence to this, atomically
                 with the record (it never goes down).
+            durable: flush it to the disk before returning (else it survives a crashed
+                process, not a power cut, until the next durable write).
 
         Raises:
             StoreError: the write failed; nothing was written.
         """
         body = json.dumps(record.to_dict(), sort_keys=True, allow_nan=False)
-        with self._tx() as db:
+        with self._tx(durable) as db:
             db.execute(
                 "INSERT INTO updates (update_id, record_version, state, record, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(update_id) DO UPDATE SET "
@@ -336,7 +349,7 @@ class StateStore:
         Raises:
             StoreError: the write failed.
         """
-        with self._tx() as db:
+        with self._tx(durable=True) as db:  # replay protection: never lost to a power cut
             self._raise_applied(db, sequence)
 
     def prune(self, keep: int = KEEP_FINISHED) -> int:
@@ -348,10 +361,10 @@ class StateStore:
         Raises:
             StoreError: the write failed.
         """
-        with self._tx() as db:
-            rows = db.execute("SELECT n, record FROM updates ORDER BY n DESC").fetchall()
-            doomed = [n for i, (n, body) in enumerate(rows)
-                      if i >= max(keep, 1) and self._decode(body).finished]
+        with self._tx(durable=False) as db:  # reads and decodes only rows past the newest `keep`
+            rows = db.execute("SELECT n, record FROM updates ORDER BY n DESC LIMIT -1 OFFSET ?",
+                              (max(keep, 1),)).fetchall()
+            doomed = [n for n, body in rows if self._decode(body).finished]
             db.executemany("DELETE FROM updates WHERE n=?", [(n,) for n in doomed])
         return len(doomed)
 

@@ -1,8 +1,9 @@
 """The runner: drives one update through the machine, persisting before every phase.
 
-For each state: write the record with that state (``StateStore.save``, one transaction), call
-the state's phase, let the phase *return an event*, and look the next state up in
-:data:`agent.updater.machine.TRANSITIONS`. Errors are classified once, here:
+For each state: write the record with that state (``StateStore.save``, one transaction, fsynced
+for :data:`agent.updater.machine.DURABLE_STATES`), call the state's phase, let the phase *return
+an event*, and look the next state up in :data:`agent.updater.machine.TRANSITIONS`. Errors are
+classified once, here:
 
 - a *transient* :class:`AgentError` (``TransportError``: the server is unreachable) is not an
   event. The record is marked ``waiting`` and the error is raised to the caller, which retries
@@ -38,7 +39,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +47,15 @@ from typing import Any, Protocol
 from agent.errors import AgentError, InstallError
 from agent.protocol.manifest import Manifest, sha256_file
 from agent.protocol.messages import DesiredModel, RunningModel
-from agent.updater.machine import FAILURE_EVENTS, RESULTS, Event, State, is_final, next_state
+from agent.updater.machine import (
+    DURABLE_STATES,
+    FAILURE_EVENTS,
+    RESULTS,
+    Event,
+    State,
+    is_final,
+    next_state,
+)
 from agent.updater.records import StateStore, UpdateRecord
 from agent.updater.recovery import Action, recover
 
@@ -58,6 +67,7 @@ __all__ = [
     "Outcome",
     "Reporter",
     "TargetFetcher",
+    "TargetRequest",
     "TargetsFetcher",
     "UpdateReport",
     "UpdateRunner",
@@ -92,24 +102,36 @@ class Fetcher(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class TargetRequest:
+    """One TUF target to download. ``expect_*`` come from the signed desired state: the target
+    must be the very file the director named, not just any file TUF would accept under that
+    name."""
+
+    path: str
+    expect_sha256: str | None = None
+    expect_length: int | None = None
+
+
 class TargetFetcher(Protocol):
     """``agent.transport.artifacts.ArtifactFetcher``'s shape."""
 
-    def fetch(self, target_path: str, *, expect_sha256: str | None = None,
-              expect_length: int | None = None) -> Path: ...
+    def fetch_all(self, targets: Sequence[TargetRequest]) -> list[Path]: ...
 
 
 class TargetsFetcher:
-    """A :class:`Fetcher` over a TUF target fetcher: the model file, then the manifest."""
+    """A :class:`Fetcher` over a TUF target fetcher: the model file and the manifest, after ONE
+    metadata refresh."""
 
     def __init__(self, targets: TargetFetcher) -> None:
         self._targets = targets
 
     def fetch(self, desired: DesiredModel) -> Fetched:
         """Raises: TransportError, ArtifactError (from the target fetcher)."""
-        model = self._targets.fetch(desired.target_path, expect_sha256=desired.sha256,
-                                    expect_length=desired.length)
-        return Fetched(model, self._targets.fetch(desired.manifest_target))
+        model, manifest = self._targets.fetch_all([
+            TargetRequest(desired.target_path, desired.sha256, desired.length),
+            TargetRequest(desired.manifest_target)])
+        return Fetched(model, manifest)
 
     def discard(self, fetched: Fetched) -> None:
         for path in (fetched.model_file, fetched.manifest_file):
@@ -136,8 +158,8 @@ class Installer(Protocol):
     supports_rollback: bool
     needs_restart: bool
 
-    def stage(self, name: str, version: str, model_file: str | Path,
-              manifest_bytes: bytes) -> Path: ...
+    def stage(self, name: str, version: str, model_file: str | Path, manifest_bytes: bytes,
+              manifest: Manifest | None = None) -> Path: ...
     def activate(self, name: str, version: str) -> Path: ...
     def commit(self, name: str) -> str: ...
     def rollback(self, name: str, from_version: str | None = None) -> str | None: ...
@@ -239,6 +261,9 @@ class UpdateRunner:
         self._loop_limit = loop_limit
         self._on_enter = on_enter
         self._error: AgentError | None = None
+        # (update id, manifest bytes, the manifest Verifying parsed from them): Staging hands
+        # it to the installer instead of having the same bytes parsed again
+        self._verified: tuple[str, bytes, Manifest] | None = None
         self._phases: dict[State, Callable[[UpdateRecord], _Step]] = {
             State.IDLE: self._idle,
             State.FETCHING: self._fetching,
@@ -272,7 +297,7 @@ class UpdateRunner:
                            state=State.IDLE, previous_version=self._installer.current(
                                desired.name), created_at=now, updated_at=now)
         self._error = None
-        self._store.save(rec)
+        self._store.save(rec, durable=False)  # Idle does nothing: Fetching's record follows
         self._entered(rec)
         return self._drive(rec)
 
@@ -329,10 +354,12 @@ class UpdateRunner:
             rec = self._enter(step.record, next_state(rec.state, step.event))
 
     def _enter(self, rec: UpdateRecord, state: State) -> UpdateRecord:
-        """Persist ``state`` BEFORE its work runs; count re-entries (the boot-loop counter)."""
+        """Persist ``state`` BEFORE its work runs (durably for :data:`DURABLE_STATES`); count
+        re-entries (the boot-loop counter)."""
         attempt = rec.attempt + 1 if state is rec.state else 1
         rec = self._save(rec.evolve(state=state, attempt=attempt, waiting=False, done=False,
-                                    reported=False, transient_error=None))
+                                    reported=False, transient_error=None),
+                         durable=state in DURABLE_STATES)
         self._entered(rec)
         return rec
 
@@ -341,9 +368,11 @@ class UpdateRunner:
         if self._on_enter is not None:
             self._on_enter(rec)
 
-    def _save(self, rec: UpdateRecord) -> UpdateRecord:
+    def _save(self, rec: UpdateRecord, *, durable: bool = False) -> UpdateRecord:
+        """Write ``rec``; only state entries that must survive a power cut are ``durable``
+        (the other writes only say more about a state whose entry was written before)."""
         rec = rec.evolve(updated_at=self._clock())
-        self._store.save(rec)
+        self._store.save(rec, durable=durable)
         return rec
 
     # -- phases: each returns an event ------------------------------------------------------
@@ -371,12 +400,18 @@ class UpdateRunner:
         except OSError as exc:
             raise InstallError(f"update {rec.update_id}: the downloaded model cannot be read: "
                                f"{exc}") from exc
-        self._verifier.verify(rec.desired, manifest_bytes, length=length, sha256=digest)
+        manifest = self._verifier.verify(rec.desired, manifest_bytes, length=length,
+                                         sha256=digest)
+        self._verified = (rec.update_id, manifest_bytes, manifest)
         return _Step(Event.VERIFIED, rec)
 
     def _staging(self, rec: UpdateRecord) -> _Step:
         model_file, manifest_bytes = self._downloads(rec)
-        self._installer.stage(rec.name, rec.version, model_file, manifest_bytes)
+        verified, self._verified = self._verified, None
+        parsed = None  # after a restart, or if the file changed: the installer parses it
+        if verified is not None and verified[:2] == (rec.update_id, manifest_bytes):
+            parsed = verified[2]
+        self._installer.stage(rec.name, rec.version, model_file, manifest_bytes, parsed)
         return _Step(Event.STAGED, rec)
 
     def _health_check(self, rec: UpdateRecord) -> _Step:

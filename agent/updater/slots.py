@@ -77,6 +77,11 @@ def _copy_hashed(src: Path, dst: Path, chunk: int = 1 << 20) -> tuple[int, str]:
     return length, digest.hexdigest()
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What :meth:`ModelStore.manifest`'s cache checks: a rewritten file never matches."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _hash_file(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
     digest = hashlib.sha256()
     length = 0
@@ -97,8 +102,9 @@ class ModelStore:
         self.root = Path(data_dir) / MODELS_DIR
         self.on_activate = on_activate
         # parsed manifests by path, with the stat identity they were parsed from: an update
-        # asks for the same manifest ~9 times (verify, health check, activation, serving),
-        # and parsing one costs ~3 ms on the build host, far more on a Pi
+        # asks for the same manifest ~9 times (health check, activation, serving, reports),
+        # and parsing one costs ~3 ms on the build host, far more on a Pi. `stage` seeds it
+        # with the parse the runner's Verifying made, so an update parses its manifest once
         self._manifests: dict[Path, tuple[tuple[int, int, int, int], Manifest]] = {}
 
     # -- paths and queries ------------------------------------------------------------------
@@ -163,17 +169,14 @@ class ModelStore:
         """
         path = self.version_dir(name, version) / MANIFEST_FILE
         try:
-            st = path.stat()
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             cached = self._manifests.get(path)
-            if cached is not None and cached[0] == key:
+            if cached is not None and cached[0] == _identity(path.stat()):
                 return cached[1]
-            manifest = Manifest.from_bytes(path.read_bytes())
+            self._remember(path, Manifest.from_bytes(path.read_bytes()))
         except (OSError, ManifestError) as exc:
             self._manifests.pop(path, None)
             raise InstallError(f"installed manifest {path} cannot be read: {exc}") from exc
-        self._manifests[path] = (key, manifest)
-        return manifest
+        return self._manifests[path][1]
 
     def model_path(self, name: str, version: str) -> Path:
         """The installed model file of ``name`` ``version``.
@@ -193,9 +196,14 @@ class ModelStore:
         return (length, digest) == (manifest.file.length, manifest.file.sha256)
 
     # -- phases -----------------------------------------------------------------------------
-    def stage(self, name: str, version: str, model_file: str | Path,
-              manifest_bytes: bytes) -> Path:
+    def stage(self, name: str, version: str, model_file: str | Path, manifest_bytes: bytes,
+              manifest: Manifest | None = None) -> Path:
         """Install ``model_file`` and ``manifest_bytes`` as ``<name>/<version>/``, not active.
+
+        Args:
+            manifest: ``Manifest.from_bytes(manifest_bytes)`` when the caller already has it
+                (the runner's Verifying parsed it); parsed here otherwise. It also becomes the
+                cached answer of :meth:`manifest` for the staged file.
 
         Returns:
             The version directory.
@@ -205,10 +213,12 @@ class ModelStore:
             InstallError: copying failed, the copy does not match the manifest, or that
                 version is installed with other content and is current or previous.
         """
-        try:
-            manifest = Manifest.from_bytes(manifest_bytes)
-        except ManifestError as exc:
-            raise ArtifactError(f"staging {name} {version}: invalid manifest: {exc}") from exc
+        if manifest is None:
+            try:
+                manifest = Manifest.from_bytes(manifest_bytes)
+            except ManifestError as exc:
+                raise ArtifactError(f"staging {name} {version}: invalid manifest: "
+                                    f"{exc}") from exc
         if (manifest.name, manifest.version) != (name, version):
             raise ArtifactError(f"staging {name} {version}: the manifest is for "
                                 f"{manifest.name} {manifest.version}")
@@ -245,6 +255,8 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        with contextlib.suppress(OSError):  # only a cache: manifest() would read the file
+            self._remember(dest / MANIFEST_FILE, manifest)
         return dest
 
     def activate(self, name: str, version: str) -> Path:
@@ -351,6 +363,14 @@ class ModelStore:
         return removed
 
     # -- internals --------------------------------------------------------------------------
+    def _remember(self, path: Path, manifest: Manifest) -> None:
+        """Cache ``manifest`` as the parse of ``path`` as it is on disk now.
+
+        Raises:
+            OSError: ``path`` cannot be stat'ed.
+        """
+        self._manifests[path] = (_identity(path.stat()), manifest)
+
     def _point(self, name: str, which: str, version: str) -> None:
         """Atomically make ``which`` a symlink to ``version`` (temp symlink + rename)."""
         d = self.model_dir(name)

@@ -110,6 +110,9 @@ class LinkConfig:
     reconnect_max: int = 30  # seconds, cap of the doubling delay
     connect_timeout: float = 10.0  # seconds, TCP + TLS + CONNACK
     ack_timeout: float = 10.0  # seconds, default wait for PUBACK / SUBACK / a reconnect
+    #: QoS 1 publishes awaiting their PUBACK at once (paho's default is 20; the server
+    #: publishes a rollout's desired states from several threads, see deploy.service)
+    max_inflight: int = 100
 
     def __post_init__(self) -> None:
         if not self.host or not self.username or not self.password or not self.client_id:
@@ -121,6 +124,8 @@ class LinkConfig:
                              "link; use mqtts://")
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("LinkConfig: client_cert and client_key go together")
+        if self.max_inflight < 1:
+            raise ValueError(f"LinkConfig: max_inflight must be >= 1, got {self.max_inflight}")
         if not 1 <= self.reconnect_min <= self.reconnect_max:
             raise ValueError(f"LinkConfig: need 1 <= reconnect_min <= reconnect_max, got "
                              f"{self.reconnect_min} and {self.reconnect_max}")
@@ -267,6 +272,7 @@ class ServerLink:
         client.enable_logger(_PAHO_LOGGER)
         client.username_pw_set(c.username, c.password)
         client.reconnect_delay_set(c.reconnect_min, c.reconnect_max)
+        client.max_inflight_messages_set(c.max_inflight)
         client.connect_timeout = timeout
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect

@@ -166,6 +166,7 @@ def revoke(fleet: Fleet, conn: Connection, device_id: str, *, actor: Principal) 
     if before["revoked"]:
         raise Conflict(f"device {device_id!r} is already revoked")
     now = fleet.now()
+    fleet.tokens.revoke(device_id=device_id)  # before the commit: see fleet_server.auth
     conn.execute(update(tables.devices).where(tables.devices.c.id == device_id)
                  .values(revoked_at=now, online=False))
     conn.execute(update(tables.tokens).where(tables.tokens.c.device_id == device_id)

@@ -66,6 +66,7 @@ from fleet_server.errors import (
     TargetSourceError,
 )
 from fleet_server.tuf_repo.keys import KeyStore, atomic_write, export_public_key
+from fleet_server.tuf_repo.served import ServedFiles
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -337,6 +338,8 @@ class TufRepository:
         self._expiry = expiry or ExpiryPolicy()
         self._keys = KeyStore(self._data_dir / "keys")
         self._thread_lock = threading.RLock()
+        #: the public files as bytes for the HTTP routes (re-validated by stat per request)
+        self.served = ServedFiles()
 
     def __repr__(self) -> str:
         return f"TufRepository({str(self._data_dir)!r})"

@@ -91,14 +91,19 @@ def traced(calls: list[str], label: str, faults: Faults, point: str, fn: Callabl
 # fakes at the seams, and wrappers that record and inject around the real adapters
 # ---------------------------------------------------------------------------------------------
 class RecordingStore(StateStore):
-    def __init__(self, path: Path, faults: Faults, saves: list[tuple[str, int]]) -> None:
+    def __init__(self, path: Path, faults: Faults, saves: list[tuple[str, int]],
+                 synced: list[tuple[str, bool, bool]]) -> None:
         super().__init__(path)
-        self.faults, self.saves = faults, saves
+        self.faults, self.saves, self.synced = faults, saves, synced
 
-    def save(self, record: UpdateRecord, *, applied_sequence: int | None = None) -> None:
+    def save(self, record: UpdateRecord, *, applied_sequence: int | None = None,
+             durable: bool = True) -> None:
         self.faults.fire(f"save:{record.state.value}")
-        super().save(record, applied_sequence=applied_sequence)
+        super().save(record, applied_sequence=applied_sequence, durable=durable)
         self.saves.append((record.state.value, record.attempt))
+        # what the connection really committed with: 2 = FULL (fsync), 1 = NORMAL
+        level = self._db.execute("PRAGMA synchronous").fetchone()[0]
+        self.synced.append((record.state.value, record.done or record.reported, level == 2))
 
 
 class FaultyInstaller:
@@ -108,10 +113,11 @@ class FaultyInstaller:
     def __init__(self, real: ModelStore, faults: Faults, calls: list[str]) -> None:
         self.real, self.faults, self.calls = real, faults, calls
 
-    def stage(self, name: str, version: str, model_file: str | Path,
-              manifest_bytes: bytes) -> Path:
+    def stage(self, name: str, version: str, model_file: str | Path, manifest_bytes: bytes,
+              manifest: Manifest | None = None) -> Path:
         return traced(self.calls, f"stage {version}", self.faults, "stage",
-                      lambda: self.real.stage(name, version, model_file, manifest_bytes))
+                      lambda: self.real.stage(name, version, model_file, manifest_bytes,
+                                              manifest))
 
     def activate(self, name: str, version: str) -> Path:
         return traced(self.calls, f"activate {version}", self.faults, "activate",
@@ -193,6 +199,7 @@ class World:
     data: Path
     repo: Mapping[str, Bundle]
     saves: list[tuple[str, int]] = field(default_factory=list)
+    synced: list[tuple[str, bool, bool]] = field(default_factory=list)  # state, bookkeeping, fsync
     calls: list[str] = field(default_factory=list)
     serving: list[str] = field(default_factory=list)
     reports: list[UpdateReport] = field(default_factory=list)
@@ -206,7 +213,7 @@ class World:
             faults.fire(f"enter:{rec.state.value}")
 
         return UpdateRunner(
-            store=RecordingStore(self.data / "state.db", faults, self.saves),
+            store=RecordingStore(self.data / "state.db", faults, self.saves, self.synced),
             installer=FaultyInstaller(ModelStore(self.data, on_activate=serve), faults,
                                       self.calls),
             fetcher=FakeFetcher(self.repo, self.data / "downloads", faults, self.calls),
@@ -219,7 +226,7 @@ class World:
         )
 
     def clear(self) -> None:
-        for seen in (self.saves, self.calls, self.serving, self.reports):
+        for seen in (self.saves, self.synced, self.calls, self.serving, self.reports):
             seen.clear()
 
 
@@ -441,6 +448,25 @@ def test_every_state_has_an_error_and_a_killed_case() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("faults", "durable"), [
+    ({}, ["HealthCheck", "Committed"]),
+    ({"check": [HealthCheckFailed]}, ["HealthCheck", "RolledBack"]),
+    ({"stage": [InstallError]}, ["Failed"]),
+], ids=["committed", "rolled-back", "failed"])
+def test_only_entering_states_that_change_what_runs_is_fsynced(
+        world: World, repo: dict[str, Bundle], faults: dict[str, list[object]],
+        durable: list[str]) -> None:
+    """Idle..Staging and the bookkeeping writes (done, reported) are committed without an
+    fsync; entering HealthCheck and the final states is flushed before their work."""
+    world.runner(Faults(faults)).start(repo["2"].desired, 2)
+    entering = [(state, fsync) for state, bookkeeping, fsync in world.synced if not bookkeeping]
+    assert [state for state, fsync in entering if fsync] == durable
+    assert {state for state, fsync in entering if not fsync} <= {
+        "Idle", "Fetching", "Verifying", "Staging"}
+    assert not [s for s, bookkeeping, fsync in world.synced if bookkeeping and fsync]
+    assert [s for s, bookkeeping, _ in world.synced if bookkeeping] == [durable[-1]] * 2
+
+
 def test_a_failed_rollback_keeps_both_errors(world: World, repo: dict[str, Bundle]) -> None:
     faults = Faults({"commit": [InstallError], "rollback": [InstallError]})
     outcome = world.runner(faults).start(repo["2"].desired, 2)

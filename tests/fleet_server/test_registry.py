@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,13 +166,17 @@ class FixedClock:
 
 @dataclass
 class RecordingPublisher:
+    """Thread-safe: publish_pending publishes from several threads at once."""
+
     desired: list[tuple[str, bytes]] = field(default_factory=list)
     fail_after: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def publish_desired(self, device_id: str, envelope: bytes) -> None:
-        if self.fail_after is not None and len(self.desired) >= self.fail_after:
-            raise BrokerError("broker down")
-        self.desired.append((device_id, envelope))
+        with self.lock:
+            if self.fail_after is not None and len(self.desired) >= self.fail_after:
+                raise BrokerError("broker down")
+            self.desired.append((device_id, envelope))
 
     def publish_ack(self, device_id: str, payload: bytes) -> None:
         pass
@@ -329,10 +334,40 @@ def test_publish_pending_stops_at_a_broker_error_and_resumes(fleet: Fleet) -> No
     _deploy(fleet, "det", "1", Selector(all=True))
     recorder = _recorder(fleet)
     recorder.fail_after = 1
-    assert service.publish_pending(fleet) == ["nuc-1"]
+    first = service.publish_pending(fleet)  # publishes run concurrently: any one gets through
+    assert first == [d for d, _ in recorder.desired] and len(first) == 1
     recorder.fail_after = None
-    assert service.publish_pending(fleet) == ["pi-1", "pi-2"]
-    assert [d for d, _ in recorder.desired] == ["nuc-1", "pi-1", "pi-2"]
+    rest = service.publish_pending(fleet)
+    assert sorted(first + rest) == sorted(DEVS)  # the rest, each exactly once
+    assert sorted(d for d, _ in recorder.desired) == sorted(DEVS)
+    assert service.publish_pending(fleet) == []
+
+
+@dataclass
+class RendezvousPublisher(RecordingPublisher):
+    """Every publish waits until ``parties`` publishes are in flight together: one-at-a-time
+    publishing breaks the barrier (BrokerError) instead of passing."""
+
+    barrier: threading.Barrier = field(default_factory=lambda: threading.Barrier(3))
+
+    def publish_desired(self, device_id: str, envelope: bytes) -> None:
+        try:
+            self.barrier.wait(timeout=30)
+        except threading.BrokenBarrierError as exc:
+            raise BrokerError("publishes did not overlap") from exc
+        super().publish_desired(device_id, envelope)
+
+
+def test_publish_pending_keeps_several_publishes_in_flight(fleet: Fleet) -> None:
+    _setup(fleet, DEVS, ALL_ARTS)
+    _deploy(fleet, "det", "1", Selector(all=True))
+    fleet.publisher = publisher = RendezvousPublisher(barrier=threading.Barrier(len(DEVS)))
+    assert len(DEVS) <= service.PUBLISH_CONCURRENCY
+    assert service.publish_pending(fleet) == sorted(DEVS)
+    assert sorted(d for d, _ in publisher.desired) == sorted(DEVS)
+    with atomic(fleet.engine) as conn:  # marked published in the one transaction after
+        assert conn.execute(select(tables.desired_states.c.published)).scalars().all() == [
+            True] * len(DEVS)
 
 
 # ------------------------------------------------------------------------------ registry

@@ -5,6 +5,13 @@ half of the repository (:attr:`TufRepository.public_dir`) is served, and only na
 TUF metadata or published target files; everything else, including paths that leave the
 directory or name hidden staging files, is 404. Devices trust nothing here by transport:
 ``tuf.ngclient`` verifies every file against the pinned root.
+
+These are the hottest routes (six requests per device per update), so they avoid per-request
+work that the other routes can afford: the endpoints and their dependencies are ``async``
+(no hop to the thread pool), the token is checked through the server's
+:class:`~fleet_server.auth.TokenCache` (the database only on a miss, in a read-only
+transaction), and files come from :class:`~fleet_server.tuf_repo.served.ServedFiles` (memory,
+re-validated by one ``stat``; disk reads in the thread pool; large targets streamed).
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
-from fleet_server.api.deps import AnyTokenDep, FleetDep
+from fleet_server.api.deps import get_fleet
 from fleet_server.api.schemas import error_responses
+from fleet_server.auth import Principal
 from fleet_server.errors import NotFound
+from fleet_server.fleet import Fleet
 
 router = APIRouter(prefix="/tuf", tags=["tuf"])
 
@@ -58,25 +69,66 @@ def _target_file(directory: Path, name: str) -> Path:
     return path
 
 
+async def _fleet(request: Request) -> Fleet:
+    """The app's Fleet, without the thread-pool hop of a plain ``def`` dependency."""
+    return get_fleet(request)
+
+
+#: the same scheme as the other routes' (one ``HTTPBearer`` entry in /openapi.json)
+_bearer = HTTPBearer(auto_error=False, description="an edgefleet token: `ef_<scope>_...`")
+
+
+async def _caller(fleet: Annotated[Fleet, Depends(_fleet)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                  ) -> Principal:
+    """Any valid token (device tokens included), from the token cache when it can.
+
+    Raises:
+        Unauthenticated: no bearer token, or an unknown or revoked one.
+    """
+    secret = credentials.credentials if credentials else None
+    cached = fleet.tokens.get(secret) if secret else None
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(fleet.tokens.authenticate, fleet.engine, secret)
+
+
+FleetDep = Annotated[Fleet, Depends(_fleet)]
+AnyTokenDep = Annotated[Principal, Depends(_caller)]
+
+
 @router.get("/metadata/{filename}", response_class=Response,
             responses={200: {"content": {"application/json": {}},
                              "description": "signed TUF metadata"}, **error_responses(404)},
             summary="TUF metadata (N.root.json, timestamp.json, N.snapshot.json, N.targets.json)")
-def get_metadata(filename: Annotated[str, PathParam(max_length=64)], caller: AnyTokenDep,
-                 fleet: FleetDep) -> Response:
+async def get_metadata(filename: Annotated[str, PathParam(max_length=64)],
+                       caller: AnyTokenDep, fleet: FleetDep) -> Response:
     path = _metadata_file(fleet.repo.metadata_dir, filename)
-    # read whole: metadata is small and replaced atomically (a streamed file could change
-    # between its stat and its read)
-    return Response(path.read_bytes(), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    served = fleet.repo.served
+    try:  # read whole: metadata is replaced atomically, a stream could mix two versions
+        data = served.cached(path)
+        if data is None:
+            data = await run_in_threadpool(served.load, path)
+    except OSError as exc:  # replaced or removed since it was found
+        raise NotFound(f"TUF metadata {filename!r} not found") from exc
+    return Response(data, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-@router.get("/targets/{path:path}", response_class=FileResponse,
+@router.get("/targets/{path:path}", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "a target file (hash-prefixed name)"},
                        **error_responses(404)},
-            summary="A TUF target file (model or manifest), streamed")
-def get_target(path: Annotated[str, PathParam(max_length=_MAX_PATH)], caller: AnyTokenDep,
-               fleet: FleetDep) -> FileResponse:
-    return FileResponse(_target_file(fleet.repo.targets_dir, path),
-                        media_type="application/octet-stream")
+            summary="A TUF target file (model or manifest)")
+async def get_target(path: Annotated[str, PathParam(max_length=_MAX_PATH)],
+                     caller: AnyTokenDep, fleet: FleetDep) -> Response:
+    file = _target_file(fleet.repo.targets_dir, path)
+    served = fleet.repo.served
+    try:
+        data = served.cached(file)
+        if data is None:
+            if file.stat().st_size > served.max_file_bytes:  # too large to keep: stream it
+                return FileResponse(file, media_type="application/octet-stream")
+            data = await run_in_threadpool(served.load, file)
+    except OSError as exc:  # removed since it was found
+        raise NotFound(f"TUF target {path!r} not found") from exc
+    return Response(data, media_type="application/octet-stream")

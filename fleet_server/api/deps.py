@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleet_server import auth
 from fleet_server.auth import Principal
-from fleet_server.db import atomic
+from fleet_server.db.engine import reading
 from fleet_server.errors import InvalidInput
 from fleet_server.fleet import Fleet
 
@@ -48,7 +48,7 @@ DEFAULT_LIMIT = 100
 MAX_INT64 = (1 << 63) - 1  # database integers are signed 64-bit
 
 
-def get_fleet(request: Request) -> Fleet:
+async def get_fleet(request: Request) -> Fleet:
     """The app's Fleet (opened by the lifespan, or passed to ``create_app``).
 
     Raises:
@@ -75,7 +75,7 @@ def get_principal(
     Raises:
         Unauthenticated: no bearer token, or an unknown or revoked one.
     """
-    with atomic(fleet.engine) as conn:
+    with reading(fleet.engine) as conn:  # a lookup: off SQLite's write lock
         return auth.authenticate(conn, credentials.credentials if credentials else None)
 
 
@@ -88,7 +88,7 @@ class _RequireScope:
     def __init__(self, scope: str) -> None:
         self.scope = scope
 
-    def __call__(self, principal: AnyTokenDep) -> Principal:
+    async def __call__(self, principal: AnyTokenDep) -> Principal:
         auth.require(principal, self.scope)
         return principal
 
@@ -98,7 +98,7 @@ PublisherDep = Annotated[Principal, Depends(_RequireScope("publisher"))]
 AdminDep = Annotated[Principal, Depends(_RequireScope("admin"))]
 
 
-def get_limit(
+async def get_limit(
     request: Request,
     fleet: FleetDep,
     limit: Annotated[int, Query(ge=1, description="page size, 1..max_page_size (default 100)")]
@@ -127,8 +127,8 @@ class PageParams:
     offset: int
 
 
-def get_page(limit: LimitDep,
-             offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0) -> PageParams:
+async def get_page(limit: LimitDep,
+                   offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0) -> PageParams:
     return PageParams(limit, offset)
 
 
@@ -157,7 +157,7 @@ def _query_names(route: APIRoute) -> tuple[frozenset[str], frozenset[str]]:
     return names
 
 
-def refuse_unknown_query(request: Request) -> None:
+async def refuse_unknown_query(request: Request) -> None:
     """Refuse query parameters the route does not declare, and repeated single-valued ones (a
     typo is never ignored, and ``?tag=a&tag=b`` never silently means ``b``).
 

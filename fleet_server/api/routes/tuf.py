@@ -70,8 +70,8 @@ def _target_file(directory: Path, name: str) -> Path:
 
 
 async def _fleet(request: Request) -> Fleet:
-    """The app's Fleet, without the thread-pool hop of a plain ``def`` dependency."""
-    return get_fleet(request)
+    """The app's Fleet (:func:`get_fleet`, awaited: no thread-pool hop)."""
+    return await get_fleet(request)
 
 
 #: the same scheme as the other routes' (one ``HTTPBearer`` entry in /openapi.json)

@@ -76,7 +76,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
-import resource
 import selectors
 import shutil
 import statistics
@@ -94,6 +93,7 @@ sys.path.insert(0, str(REPO))
 # after the sys.path line above
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode  # noqa: E402
+from procstat import log, machine_cpu, process_cpu, stat_cpu, thread_cpu  # noqa: E402
 
 from agent.metrics import METRICS_KIND, RequestMetrics  # noqa: E402
 from agent.protocol.messages import Ack, Record, TelemetryBatch  # noqa: E402
@@ -108,42 +108,17 @@ INTERVAL_S = 10  # the agent's default metrics interval
 T = TypeVar("T")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # CPU accounting from /proc
 # ---------------------------------------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_cpu(path: str) -> float | None:
-    """utime + stime in seconds from a /proc .../stat file (None: gone)."""
-    try:
-        with open(path, encoding="ascii") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # fields from 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def process_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds of every live thread of this process, by thread name."""
-    out: dict[str, float] = {}
-    for t in threading.enumerate():
-        if t.native_id is None:
-            continue
-        cpu = _stat_cpu(f"/proc/self/task/{t.native_id}/stat")
-        if cpu is not None:
-            out[t.name] = out.get(t.name, 0.0) + cpu
-    return out
 
 
 def child_pid(comm: str) -> int | None:
@@ -164,11 +139,6 @@ def child_pid(comm: str) -> int | None:
     return None
 
 
-def machine_cpu() -> float:
-    """CPU seconds all CPUs of the machine spent busy so far (/proc/stat: not idle, iowait)."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        ticks = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
 
 
 def thread_group(name: str) -> str:
@@ -721,7 +691,7 @@ class Bench:
         client.loop_stop()
 
     def _broker_cpu(self) -> float | None:
-        return None if self._broker_pid is None else _stat_cpu(f"/proc/{self._broker_pid}/stat")
+        return None if self._broker_pid is None else stat_cpu(f"/proc/{self._broker_pid}/stat")
 
     def _snapshot(self) -> Snapshot:
         return Snapshot(time.perf_counter(), process_cpu(), thread_cpu(), self._broker_cpu(),

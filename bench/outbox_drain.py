@@ -55,7 +55,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import resource
 import shutil
 import sys
 import threading
@@ -70,6 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # after the sys.path line above
+from procstat import log, machine_cpu, process_cpu, stat_cpu, thread_cpu  # noqa: E402
+
 from agent.buffer import Outbox  # noqa: E402
 from agent.protocol.messages import Ack  # noqa: E402
 from agent.transport.mqtt import DeviceLink, LinkEvent  # noqa: E402
@@ -81,37 +82,15 @@ ACK_TIMEOUT_S = 60.0  # no ack for this long while messages are in flight: the r
 T = TypeVar("T")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # CPU accounting: per thread from /proc, the broker's from its /proc entry
 # ---------------------------------------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_cpu(path: str) -> float | None:
-    """utime + stime in seconds from a /proc .../stat file (None: gone)."""
-    try:
-        with open(path, encoding="ascii") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # fields from 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds of every live Python thread, by name."""
-    out: dict[str, float] = {}
-    for t in threading.enumerate():
-        if t.native_id is None:
-            continue
-        cpu = _stat_cpu(f"/proc/self/task/{t.native_id}/stat")
-        if cpu is not None:
-            out[t.name] = out.get(t.name, 0.0) + cpu
-    return out
 
 
 def child_cpu(comm: str) -> float | None:
@@ -131,22 +110,14 @@ def child_cpu(comm: str) -> float | None:
                     continue
         except OSError:
             continue
-        cpu = _stat_cpu(f"/proc/{pid}/stat")
+        cpu = stat_cpu(f"/proc/{pid}/stat")
         if cpu is not None:
             total = (total or 0.0) + cpu
     return total
 
 
-def machine_cpu() -> float:
-    """CPU seconds all CPUs of the machine spent busy so far (/proc/stat: not idle, iowait)."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        ticks = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK  # user..steal minus idle, iowait
 
 
-def process_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 @dataclass(frozen=True)

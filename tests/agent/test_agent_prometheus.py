@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -29,6 +27,7 @@ import onnx
 import pytest
 import uvicorn
 from onnx import TensorProto, helper, numpy_helper
+from polling import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import load_config
@@ -55,21 +54,6 @@ class FrozenClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture(scope="module")

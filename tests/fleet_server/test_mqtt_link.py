@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mqtt_helpers import DictStore, LoopThread
 from paho.mqtt.enums import CallbackAPIVersion
+from polling import free_port
 
 from agent.protocol.messages import MAX_MESSAGE_BYTES
 from agent.protocol.topics import desired_topic, reported_topic, subscription_filter
@@ -66,12 +67,6 @@ def broker(loop_thread: LoopThread) -> Iterator[EmbeddedBroker]:
 
 def url_for(b: EmbeddedBroker, password: str = SERVER_PW, scheme: str = "mqtt") -> str:
     return f"{scheme}://{SERVER}:{password}@127.0.0.1:{b.port}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Device:

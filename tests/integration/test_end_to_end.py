@@ -11,11 +11,9 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import tarfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from polling import free_port, wait_for
 
 from agent.config import load_config
 from agent.daemon.app import Agent
@@ -37,23 +36,6 @@ from model_tools.pipeline import ConvertRequest, convert
 from model_tools.profiles import get_profile
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tar_bundle(directory: Path, *, corrupt_golden: bool = False) -> bytes:

@@ -265,10 +265,20 @@ def init(data_dir: Path, as_json: bool) -> None:
               type=click.FloatRange(min=0.5), metavar="SECONDS",
               help="Seconds between maintenance passes: timestamp re-signing, desired states "
                    "near expiry, alert rules (an alert changes state at most this late).")
+@click.option("--record-retention", "record_retention_days", type=click.IntRange(0, 36500),
+              metavar="DAYS",
+              help="Keep device telemetry and drift records this many days after they "
+                   "arrive; 0 keeps them forever (default 30; env "
+                   "EDGEFLEET_RECORD_RETENTION_DAYS).")
+@click.option("--webhook-allow", "webhook_allow", multiple=True, metavar="HOST|URL",
+              help="Where alert webhooks may POST (repeatable): a host, *.domain, IP "
+                   "address or http(s):// URL prefix. Unset: any URL, with a warning (env "
+                   "EDGEFLEET_WEBHOOK_ALLOW as a JSON list).")
 def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | None,
           mqtt_url: str | None, mqtt_host: str | None, mqtt_port: int | None,
           mqtt_public_url: str | None, environment: str | None, log_level: str,
-          maintenance_s: float) -> None:
+          maintenance_s: float, record_retention_days: int | None,
+          webhook_allow: tuple[str, ...]) -> None:
     """Run the fleet server (admin API, TUF repository) on uvicorn until interrupted.
 
     Every option can also come from the environment as EDGEFLEET_<OPTION> (for example
@@ -280,11 +290,14 @@ def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | 
       fleet_server serve --data-dir /var/lib/edgefleet --port 8080
       fleet_server serve --data-dir /var/lib/edgefleet --host 0.0.0.0 \\
           --public-url https://fleet.example.com --environment production \\
-          --mqtt-url mqtts://_edgefleet_server:SECRET@broker.example.com:8883
+          --mqtt-url mqtts://_edgefleet_server:SECRET@broker.example.com:8883 \\
+          --record-retention 90 --webhook-allow hooks.slack.com
     """
     settings = _settings(data_dir=data_dir, host=host, port=port, public_url=public_url,
                          mqtt_url=mqtt_url, mqtt_host=mqtt_host, mqtt_port=mqtt_port,
-                         mqtt_public_url=mqtt_public_url, environment=environment)
+                         mqtt_public_url=mqtt_public_url, environment=environment,
+                         record_retention_days=record_retention_days,
+                         webhook_allow=webhook_allow or None)
     if settings.port == 0 and not settings.public_url:
         raise click.UsageError("--port 0 needs --public-url: provisioning files tell devices "
                                "the server's URL")
@@ -293,6 +306,9 @@ def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | 
         click.secho(f"INSECURE: {reason}", err=True, bold=True, fg="red")
     if reasons and settings.environment == "production":
         _fail("refusing to serve in production with the insecure settings above")
+    if settings.webhook_allow is None:
+        click.secho("NOTE: alert webhooks may POST to any URL (no --webhook-allow list); "
+                    "set one to limit where the server sends them", err=True, fg="yellow")
     import uvicorn
 
     with _errors():

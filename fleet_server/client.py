@@ -346,12 +346,14 @@ class FleetClient:
     def monitor_distribution(self, model: str, version: str, *,
                              input_name: str | None = None, feature: int = 0,
                              profile: str | None = None, since: int | None = None,
-                             until: int | None = None) -> dict[str, Any]:
-        """``GET /v1/monitoring/models/{model}/distribution``: reference against live."""
+                             until: int | None = None, device: str | None = None
+                             ) -> dict[str, Any]:
+        """``GET /v1/monitoring/models/{model}/distribution``: reference against live
+        (``device``: only that device's windows)."""
         out: dict[str, Any] = self.request(
             "GET", f"/v1/monitoring/models/{_seg(model)}/distribution", params=_given({
                 "version": version, "input": input_name, "feature": feature,
-                "profile": profile, "since": since, "until": until}))
+                "profile": profile, "since": since, "until": until, "device": device}))
         return out
 
     def monitor_device(self, device_id: str, *, since: int | None = None,

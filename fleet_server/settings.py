@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from fleet_server.monitoring.allowlist import WebhookAllowList
 
 __all__ = ["SERVER_MQTT_USER", "Settings", "is_loopback"]
 
@@ -43,6 +47,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 << 20, ge=1024)  # largest accepted bundle file
     max_page_size: int = Field(500, ge=1, le=10000)
     environment: str = "development"  # "production" refuses insecure defaults
+    # device_records (telemetry, drift) kept this many days after the server received them;
+    # 0 keeps them forever (fleet_server.monitoring.retention)
+    record_retention_days: int = Field(30, ge=0, le=36500)
+    # where alert webhooks may POST: hosts, *.domains, IPs or http(s) URL prefixes; None
+    # allows any URL (warned at start), [] none (fleet_server.monitoring.allowlist).
+    # From the environment as JSON: EDGEFLEET_WEBHOOK_ALLOW='["hooks.example.com"]'
+    webhook_allow: tuple[str, ...] | None = None
 
     @field_validator("environment")
     @classmethod
@@ -50,6 +61,23 @@ class Settings(BaseSettings):
         if v not in ("development", "production"):
             raise ValueError(f"expected 'development' or 'production', got {v!r}")
         return v
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        from fleet_server.monitoring.allowlist import WebhookAllowList
+
+        if v is not None:
+            WebhookAllowList.parse(v)  # ValueError names the entry
+        return v
+
+    @property
+    def webhook_allow_list(self) -> WebhookAllowList | None:
+        """``webhook_allow`` parsed (None: no list, any URL)."""
+        from fleet_server.monitoring.allowlist import WebhookAllowList
+
+        return None if self.webhook_allow is None else WebhookAllowList.parse(
+            self.webhook_allow)
 
     @property
     def db_url(self) -> str:

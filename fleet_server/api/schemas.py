@@ -548,6 +548,8 @@ class DistributionOut(_Range):
     kind: str = Field(description="the baseline entry's kind: tabular | image | tensor")
     profile: str = Field(description="the artifact whose baseline is the reference")
     profiles: list[str] = Field(description="profiles whose devices count (same bin edges)")
+    device: str | None = Field(None, description="only this device's windows (None: every "
+                               "device)")
     edges: list[float] = Field(description="interior bin edges; len(edges) + 1 bins")
     reference: list[float] = Field(description="reference frequency per bin")
     live_counts: list[int] | None = Field(description="live values per bin, summed over "

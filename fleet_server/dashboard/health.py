@@ -256,7 +256,8 @@ def _distribution_chart(dist: Mapping[str, Any]) -> Markup:
     series = [BarSeries("reference", dist["reference"], "#9db4c8")]
     if dist["live"] is not None:
         series.append(BarSeries("live", dist["live"], "#d55e00"))
-    what = f"{dist['input']}[{dist['feature']}]"
+    what = f"{dist['input']}[{dist['feature']}]" + (
+        f" on {dist['device']}" if dist.get("device") else "")
     psi = f", PSI {dist['psi']:.3g}" if dist["psi"] is not None else ", no live counts yet"
     return bar_chart(categories, series, title=f"{what} {dist['version']}: reference vs live "
                      f"(share of values per bin{psi})", y_label="share", width=560, height=260)
@@ -269,8 +270,9 @@ def model_page(fleet: Fleet, conn: Connection, model: str, span: Span, *,
     and one feature's reference against live distribution.
 
     The distribution is of ``version`` (default: the version with the most drift windows in
-    the range) and ``input_name``/``feature`` (default: the feature with the largest PSI in
-    the latest bucket that has drift summaries, else feature 0 of the only input). A
+    the range), of ``device`` alone when one is chosen, and ``input_name``/``feature``
+    (default: the feature with the largest PSI in the latest bucket that has drift
+    summaries, else feature 0 of the only input). A
     distribution that cannot be shown (no baseline, an unknown feature) is a message on the
     page, not an error page.
 
@@ -301,7 +303,8 @@ def model_page(fleet: Fleet, conn: Connection, model: str, span: Span, *,
             want_input, want_feature = ranked[0]["input"], ranked[0]["feature"]
         try:
             dist = distribution_view(fleet, model, rng, version=chosen_version,
-                                     input_name=want_input, feature=want_feature or 0)
+                                     input_name=want_input, feature=want_feature or 0,
+                                     device=device)
         except FleetError as exc:  # NotFound / InvalidInput: said on the page
             error = str(exc)
         shown = (dist["input"], dist["feature"]) if dist is not None else None

@@ -31,9 +31,9 @@ device. The admin API (``/v1/monitoring/...``, ``/v1/alert-rules``, ``/v1/alerts
                    peak_max_psi, latest_at, trend, series: [max_psi | None per bucket],
                    top_features: [{input, feature, psi, js}]}]}
     distribution_view(fleet, model, rng, *, version, input_name=None, feature=0,
-                      profile=None) -> {model, version, input, feature, kind, profile,
-        profiles, since, until, bucket_s, edges, reference, live_counts, live, samples,
-        windows, windows_without_counts, devices, psi, js}
+                      profile=None, device=None) -> {model, version, device, input,
+        feature, kind, profile, profiles, since, until, bucket_s, edges, reference,
+        live_counts, live, samples, windows, windows_without_counts, devices, psi, js}
 
     STATS = {requests, errors, error_rate, errors_by_kind, p50_ms, p95_ms, p99_ms, max_psi,
              drift_windows, predictions}
@@ -59,6 +59,9 @@ Alerts (:mod:`fleet_server.monitoring.rules` says what a rule means)::
 :func:`make_registry` builds an app's Prometheus registry. Errors: ``NotFound`` (unknown
 device, model, version or rule), ``InvalidInput`` (a bad range, input, feature or rule field),
 ``StoreError`` (the database failed).
+
+Records are kept ``record_retention_days`` (:class:`RecordRetention`, run by the maintenance
+pass); webhook URLs are limited by ``webhook_allow`` (:class:`WebhookAllowList`).
 """
 
 from fleet_server.monitoring.alerting import (
@@ -70,7 +73,9 @@ from fleet_server.monitoring.alerting import (
     list_alerts,
     list_rules,
 )
+from fleet_server.monitoring.allowlist import WebhookAllowList
 from fleet_server.monitoring.prometheus import make_registry
+from fleet_server.monitoring.retention import PruneReport, RecordRetention
 from fleet_server.monitoring.rules import KINDS, STATES, AlertRule, Breach
 from fleet_server.monitoring.timerange import TimeRange
 from fleet_server.monitoring.views import (
@@ -87,8 +92,11 @@ __all__ = [
     "STATES",
     "AlertRule",
     "Breach",
+    "PruneReport",
+    "RecordRetention",
     "TimeRange",
     "Transition",
+    "WebhookAllowList",
     "WebhookSender",
     "alert_dict",
     "create_rule",

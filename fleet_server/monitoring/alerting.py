@@ -11,11 +11,18 @@ out from their own thread (:mod:`fleet_server.monitoring.webhooks`): neither ing
 maintenance pass ever waits for a webhook.
 
 Deleting a rule resolves its open alert the same way (audited, webhook if it had fired).
+
+Webhook URLs are checked against the server's ``webhook_allow`` list
+(:mod:`fleet_server.monitoring.allowlist`) when a rule is created (refused) and when a
+delivery is queued: a URL the list no longer allows (it was narrowed after the rule was made)
+queues the delivery as ``failed`` with the reason, and logs it, so the refusal shows in the
+delivery log instead of a request going out.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -28,6 +35,7 @@ from fleet_server.db import atomic, tables
 from fleet_server.db.engine import reading
 from fleet_server.errors import NotFound, StoreError
 from fleet_server.fleet import Fleet
+from fleet_server.monitoring.allowlist import WebhookAllowList, check_webhook_url
 from fleet_server.monitoring.records import device_rows, load_samples
 from fleet_server.monitoring.rules import (
     OPEN,
@@ -52,6 +60,8 @@ __all__ = [
     "list_rules",
     "rule_dict",
 ]
+
+log = logging.getLogger(__name__)
 
 #: the audit actor of transitions nobody commanded
 EVALUATOR: Final = "fleet_server alert evaluator"
@@ -91,14 +101,18 @@ def rule_dict(row: Any) -> dict[str, Any]:
             "created_by": row.created_by}
 
 
-def create_rule(conn: Connection, rule: AlertRule, *, actor: Principal, now: int
-                ) -> dict[str, Any]:
+def create_rule(conn: Connection, rule: AlertRule, *, actor: Principal, now: int,
+                allow: WebhookAllowList | None = None) -> dict[str, Any]:
     """Store ``rule`` (its ``id`` is ignored) and audit it; return it with its new id.
 
+    Args:
+        allow: the server's ``webhook_allow`` list (None: any webhook URL).
+
     Raises:
-        InvalidInput: a field is out of range.
+        InvalidInput: a field is out of range, or the webhook URL is outside ``allow``.
     """
     rule.check()
+    check_webhook_url(allow, rule.webhook_url)
     values = {k: v for k, v in rule.to_dict().items() if k != "id"}
     rule_id = _new_id(conn.execute(insert(tables.alert_rules).values(
         **values, created_at=now, created_by=actor.actor)).inserted_primary_key)
@@ -118,9 +132,10 @@ def list_rules(conn: Connection, *, limit: int, offset: int = 0
     return [rule_dict(r) for r in rows], total
 
 
-def delete_rule(conn: Connection, rule_id: int, *, actor: Principal, now: int
-                ) -> dict[str, Any]:
-    """Delete a rule; its open alert resolves (audited; a webhook if it had fired).
+def delete_rule(conn: Connection, rule_id: int, *, actor: Principal, now: int,
+                allow: WebhookAllowList | None = None) -> dict[str, Any]:
+    """Delete a rule; its open alert resolves (audited; a webhook if it had fired and
+    ``allow``, the server's ``webhook_allow`` list, allows its URL).
 
     Returns:
         The deleted rule.
@@ -136,7 +151,7 @@ def delete_rule(conn: Connection, rule_id: int, *, actor: Principal, now: int
     opened = _open_alert(conn, rule_id)
     if opened is not None:
         _resolve(conn, rule, opened, now=now, actor=actor.actor,
-                 why=f"rule {rule_id} deleted")
+                 why=f"rule {rule_id} deleted", allow=allow)
     conn.execute(delete(t).where(t.c.id == rule_id))
     audit.record(conn, at=now, actor=actor.actor, action="alert_rule.delete",
                  target=f"alert_rule:{rule_id}", before=rule.to_dict())
@@ -172,15 +187,24 @@ def _open_alert(conn: Connection, rule_id: int) -> Any:
 
 
 def _queue_webhook(conn: Connection, rule: AlertRule, alert: Mapping[str, Any], event: str,
-                   now: int) -> bool:
+                   now: int, allow: WebhookAllowList | None) -> bool:
+    """Queue a delivery; return whether one is pending (a URL outside ``allow`` is stored
+    as ``failed`` at once, with the reason)."""
     if rule.webhook_url is None:
         return False
     payload = _ENCODER.encode({"version": PAYLOAD_VERSION, "event": event,
                                "alert": dict(alert), "rule": rule.to_dict()})
+    refused: str | None = None
+    if allow is not None and not allow.allows(rule.webhook_url):
+        refused = (f"not sent: the URL is outside the server's webhook_allow list "
+                   f"[{', '.join(allow.entries)}]")
+        log.warning("alert %s webhook of rule %d to %s %s", alert["id"], rule.id,
+                    rule.webhook_url, refused)
     conn.execute(insert(tables.alert_webhooks).values(
         alert_id=alert["id"], event=event, url=rule.webhook_url, payload=payload,
-        status="pending", attempts=0, next_at=now, created_at=now))
-    return True
+        status="pending" if refused is None else "failed", attempts=0, next_at=now,
+        last_error=refused, created_at=now, done_at=None if refused is None else now))
+    return refused is None
 
 
 def _reread(conn: Connection, alert_id: int) -> dict[str, Any]:
@@ -189,7 +213,7 @@ def _reread(conn: Connection, alert_id: int) -> dict[str, Any]:
 
 
 def _resolve(conn: Connection, rule: AlertRule, opened: Any, *, now: int, actor: str,
-             why: str) -> Transition:
+             why: str, allow: WebhookAllowList | None) -> Transition:
     conn.execute(update(tables.alerts).where(tables.alerts.c.id == opened.id).values(
         state="resolved", resolved_at=now, updated_at=now))
     alert = _reread(conn, opened.id)
@@ -197,12 +221,13 @@ def _resolve(conn: Connection, rule: AlertRule, opened: Any, *, now: int, actor:
                  target=f"alert:{opened.id}", before={"state": opened.state},
                  after={"state": "resolved", "rule_id": rule.id, "why": why,
                         "fired": opened.state == "firing"})
-    hooked = opened.state == "firing" and _queue_webhook(conn, rule, alert, "resolved", now)
+    hooked = opened.state == "firing" and _queue_webhook(conn, rule, alert, "resolved", now,
+                                                         allow)
     return Transition(int(opened.id), rule.id, opened.state, "resolved", hooked)
 
 
-def _step(conn: Connection, rule: AlertRule, breaches: list[Breach], now: int
-          ) -> Transition | None:
+def _step(conn: Connection, rule: AlertRule, breaches: list[Breach], now: int,
+          allow: WebhookAllowList | None) -> Transition | None:
     """Step the rule's open alert (if any) for one evaluation; store and audit."""
     opened = _open_alert(conn, rule.id)
     holds = len(breaches) >= rule.min_devices
@@ -213,7 +238,7 @@ def _step(conn: Connection, rule: AlertRule, breaches: list[Breach], now: int
         return None
     if after == "resolved":
         return _resolve(conn, rule, opened, now=now, actor=EVALUATOR,
-                        why="the condition no longer holds")
+                        why="the condition no longer holds", allow=allow)
     values = {"devices": _ENCODER.encode([b.to_dict() for b in breaches]),
               "value": breaches[0].value if breaches else None,
               "summary": summary(rule, breaches), "updated_at": now}
@@ -234,7 +259,7 @@ def _step(conn: Connection, rule: AlertRule, breaches: list[Breach], now: int
                  target=f"alert:{alert_id}", before={"state": before} if before else None,
                  after={"state": after, "rule_id": rule.id, "summary": alert["summary"],
                         "devices": alert["devices"]})
-    hooked = after == "firing" and _queue_webhook(conn, rule, alert, "firing", now)
+    hooked = after == "firing" and _queue_webhook(conn, rule, alert, "firing", now, allow)
     return Transition(alert_id, rule.id, before, after, hooked)
 
 
@@ -274,12 +299,13 @@ def evaluate_alerts(fleet: Fleet, *, now: int) -> list[Transition]:
     if not rules:
         return []
     breaches = _judge_all(fleet, rules, now)
+    allow = fleet.settings.webhook_allow_list
     out = []
     with atomic(fleet.engine) as conn:
         alive = set(conn.execute(select(tables.alert_rules.c.id)).scalars())
         for rule in rules:
             if rule.id in alive:  # a rule deleted since it was read resolved its alert then
-                step = _step(conn, rule, breaches[rule.id], now)
+                step = _step(conn, rule, breaches[rule.id], now, allow)
                 if step is not None:
                     out.append(step)
     return out

@@ -437,9 +437,11 @@ def _reference(manifest: Mapping[str, Any], input_name: str | None, feature: int
 
 def distribution_view(fleet: Fleet, model: str, rng: TimeRange, *, version: str,
                       input_name: str | None = None, feature: int = 0,
-                      profile: str | None = None) -> dict[str, Any]:
+                      profile: str | None = None, device: str | None = None
+                      ) -> dict[str, Any]:
     """The reference distribution of one input feature (an artifact's drift baseline)
-    against the live one: the devices' live bin counts summed over the windows in the range.
+    against the live one: the devices' live bin counts summed over the windows in the range
+    (only ``device``'s, when given: the reference is then its profile's artifact).
 
     Devices count when their profile's artifact bins the feature with the same edges as the
     reference (the same calibration data gives the same input edges; ``profiles`` lists
@@ -448,10 +450,21 @@ def distribution_view(fleet: Fleet, model: str, rng: TimeRange, *, version: str,
     that sent no bin counts are counted in ``windows_without_counts``.
 
     Raises:
-        NotFound: no artifact of that model version (for that profile), or no drift baseline.
-        InvalidInput: the input or feature is not in the baseline.
+        NotFound: no artifact of that model version (for that profile, or for ``device``'s
+            profile), no drift baseline, or no such device.
+        InvalidInput: the input or feature is not in the baseline, or ``profile`` is not
+            ``device``'s.
         StoreError: the database failed.
     """
+    rows = device_rows(fleet.engine)
+    if device is not None:
+        mine = [r for r in rows if r.id == device]
+        if not mine:
+            raise NotFound(f"device {device!r} not found")
+        if profile is not None and profile != mine[0].profile:
+            raise InvalidInput(f"profile: expected device {device!r}'s profile "
+                               f"{mine[0].profile!r} or none, got {profile!r}")
+        profile, rows = mine[0].profile, mine
     a = tables.artifacts.c
     with reading(fleet.engine) as conn:
         artifacts = conn.execute(select(a.profile, a.manifest).where(
@@ -470,7 +483,7 @@ def distribution_view(fleet: Fleet, model: str, rng: TimeRange, *, version: str,
             if row.profile == profile or (profile is None and row is artifacts[-1]
                                           and not refs):
                 raise  # the asked-for reference, or none is usable: say why
-    rows = [r for r in device_rows(fleet.engine) if r.profile in refs]
+    rows = [r for r in rows if r.profile in refs]
     samples = load_samples(fleet.engine, since=rng.since, until=rng.until,
                            device_ids=[r.id for r in rows], model=model, version=version,
                            kinds=(DRIFT_KIND,), features=True)
@@ -495,8 +508,9 @@ def distribution_view(fleet: Fleet, model: str, rng: TimeRange, *, version: str,
             devices.add(device_id)
     counts = live.counts if live.counts is not None and len(live.counts) == len(ref) else None
     total = sum(counts) if counts else 0
-    return {"model": model, "version": version, "input": name, "feature": feature,
-            "kind": kind, "profile": chosen, "profiles": sharing(chosen),
+    return {"model": model, "version": version, "device": device, "input": name,
+            "feature": feature, "kind": kind, "profile": chosen,
+            "profiles": [profile] if device is not None else sharing(chosen),
             **rng.to_dict(), "edges": edges, "reference": ref,
             "live_counts": counts, "live": [c / total for c in counts] if counts and total
             else None, "samples": total, "windows": live.windows,

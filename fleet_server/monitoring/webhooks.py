@@ -12,6 +12,11 @@ payload with httpx (``Content-Type: application/json``):
   :func:`backoff_s` (5 s, 10 s, 20 s, ... capped at 10 minutes), ``failed`` after
   ``max_attempts``.
 
+Right before each POST the URL is checked against the server's ``webhook_allow`` list
+(:mod:`fleet_server.monitoring.allowlist`), given as ``allow``: a delivery queued before the
+list was narrowed fails without a request (one attempt row saying why). Redirects are never
+followed, so an allowed receiver cannot bounce the POST elsewhere.
+
 Every attempt is a row of ``webhook_attempts`` (when, HTTP status or error). Deliveries of one
 alert to one URL go out in order: a resolve never overtakes the fire it follows. Pending
 deliveries survive a restart (the next sender picks them up). Time comes from the injected
@@ -33,6 +38,7 @@ from sqlalchemy import Engine, insert, select, update
 from fleet_server.db import atomic, tables
 from fleet_server.db.engine import reading
 from fleet_server.errors import FleetError
+from fleet_server.monitoring.allowlist import WebhookAllowList
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_CAP_S", "MAX_ATTEMPTS", "WebhookSender", "backoff_s",
            "is_fatal"]
@@ -76,12 +82,15 @@ class WebhookSender:
         transport: an httpx transport (tests may inject one; default: the network).
         timeout_s: per request (connect, read, write each).
         max_attempts: attempts before a delivery fails.
+        allow: the server's ``webhook_allow`` list (None: any URL; see
+            ``Settings.webhook_allow_list``).
     """
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] | None = None,
                  transport: httpx.BaseTransport | None = None, timeout_s: float = 10.0,
-                 max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_attempts: int = MAX_ATTEMPTS,
+                 allow: WebhookAllowList | None = None) -> None:
         self._engine = engine
         self._clock = clock
         self._wake = threading.Event()
@@ -90,6 +99,7 @@ class WebhookSender:
         self._timeout_s = timeout_s
         self._http: httpx.Client | None = None  # made at the first attempt
         self._max_attempts = max_attempts
+        self._allow = allow
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -179,19 +189,26 @@ class WebhookSender:
             self._http = httpx.Client(transport=self._transport, timeout=self._timeout_s,
                                       follow_redirects=False, trust_env=False,
                                       headers={"User-Agent": _USER_AGENT})
-        try:
-            response = self._http.post(row.url, content=row.payload.encode("utf-8"),
-                                       headers={"Content-Type": "application/json"})
-            status = response.status_code
-            if not 200 <= status < 300:
-                error = f"HTTP {status}: {response.text[:200]}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
+        refused = self._allow is not None and not self._allow.allows(row.url)
+        if refused:
+            entries = self._allow.entries if self._allow is not None else ()
+            error = (f"not sent: the URL is outside the server's webhook_allow list "
+                     f"[{', '.join(entries)}]")
+        else:
+            try:
+                response = self._http.post(row.url, content=row.payload.encode("utf-8"),
+                                           headers={"Content-Type": "application/json"})
+                status = response.status_code
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
         now = int(self._clock())
         ok = error is None
         if ok:
             state, next_at = "delivered", now
-        elif (status is not None and is_fatal(status)) or attempt >= self._max_attempts:
+        elif refused or (status is not None and is_fatal(status)) or \
+                attempt >= self._max_attempts:
             state, next_at = "failed", now
         else:
             state, next_at = "pending", now + int(backoff_s(attempt))

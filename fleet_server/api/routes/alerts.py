@@ -1,9 +1,11 @@
 """Alert rules: list (reader), create and delete (publisher); alerts: list (reader).
 
 A rule names a model that has at least one pushed artifact (and a version that does, when it
-names one): a typo is a 404, never a rule that can never hold. What a rule means and how its
-alerts move between ``pending``, ``firing`` and ``resolved`` is in
-:mod:`fleet_server.monitoring.rules`; the maintenance pass evaluates the rules.
+names one): a typo is a 404, never a rule that can never hold. A ``webhook_url`` outside the
+server's ``webhook_allow`` list (:mod:`fleet_server.monitoring.allowlist`) is a 422 naming
+the list. What a rule means and how its alerts move between ``pending``, ``firing`` and
+``resolved`` is in :mod:`fleet_server.monitoring.rules`; the maintenance pass evaluates the
+rules.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def add_rule(body: AlertRuleCreate, caller: PublisherDep, fleet: FleetDep) -> di
                      webhook_url=body.webhook_url).check()
     with atomic(fleet.engine) as conn:
         _check_model(conn, rule.model, rule.version)
-        return create_rule(conn, rule, actor=caller, now=fleet.now())
+        return create_rule(conn, rule, actor=caller, now=fleet.now(),
+                           allow=fleet.settings.webhook_allow_list)
 
 
 @router.delete("/v1/alert-rules/{rule_id}", response_model=AlertRuleOut,
@@ -69,7 +72,8 @@ def add_rule(body: AlertRuleCreate, caller: PublisherDep, fleet: FleetDep) -> di
                summary="Delete an alert rule (its open alert resolves)")
 def remove_rule(rule_id: RuleId, caller: PublisherDep, fleet: FleetDep) -> dict[str, Any]:
     with atomic(fleet.engine) as conn:
-        out = delete_rule(conn, rule_id, actor=caller, now=fleet.now())
+        out = delete_rule(conn, rule_id, actor=caller, now=fleet.now(),
+                          allow=fleet.settings.webhook_allow_list)
     webhooks = fleet.extra.get("webhooks")  # the running server's WebhookSender
     if webhooks is not None:  # a resolve of a fired alert may be queued
         webhooks.notify()

@@ -102,7 +102,8 @@ def monitor_drift(model: ModelName, caller: ReaderDep, fleet: FleetDep,
 @router.get("/models/{model}/distribution", response_model=DistributionOut,
             responses=error_responses(403, 404),
             summary="One input feature's reference distribution (the artifact's drift "
-                    "baseline) against the live one, pooled over windows and devices")
+                    "baseline) against the live one, pooled over windows and devices (or "
+                    "one device's)")
 def monitor_distribution(model: ModelName, caller: ReaderDep, fleet: FleetDep,
                          version: Annotated[str, Query(min_length=1, max_length=100,
                                                        description="the model version")],
@@ -113,9 +114,14 @@ def monitor_distribution(model: ModelName, caller: ReaderDep, fleet: FleetDep,
                          profile: Annotated[str | None, Query(
                              max_length=100, description="whose artifact is the reference "
                              "(default: the first profile by name)")] = None,
+                         device: Annotated[str | None, Query(
+                             max_length=200, description="only this device's windows "
+                             "(default: every device); the reference is then its "
+                             "profile's")] = None,
                          since: Since = None, until: Until = None) -> dict[str, Any]:
     return distribution_view(fleet, model, _range(fleet, since, until, None), version=version,
-                             input_name=input, feature=feature, profile=profile)
+                             input_name=input, feature=feature, profile=profile,
+                             device=device)
 
 
 @router.get("/devices/{device_id}", response_model=DeviceMonitoringOut,

@@ -855,6 +855,10 @@ def rollout_options(fn: F) -> F:
         click.option("--min-samples", type=click.IntRange(min=1), metavar="N",
                      help="Requests (drift: predictions) a device needs before its health "
                           "counts [default: 100]."),
+        click.option("--min-reporting", type=float, metavar="FRACTION",
+                     help="A health gate passes only once this fraction of the wave's "
+                          "committed devices served enough requests to be judged; until then "
+                          "it waits [default: 1, all of them]."),
         click.option("--offline-grace", "offline_grace_s", type=click.IntRange(min=0),
                      metavar="SECONDS",
                      help="An offline device that has not applied its new state this long "
@@ -904,8 +908,8 @@ def _rollout_body(waves: str | None, on_failure: str | None,
 def deploy(model_name: str, model_version: str, selector: dict[str, Any], waves: str | None,
            bake_s: int | None, min_committed: float | None, max_failed: float | None,
            max_error_rate: float | None, max_p95_ms: float | None, no_latency_gate: bool,
-           max_psi: float | None, min_samples: int | None, offline_grace_s: int | None,
-           on_failure: str | None) -> None:
+           max_psi: float | None, min_samples: int | None, min_reporting: float | None,
+           offline_grace_s: int | None, on_failure: str | None) -> None:
     """Deploy a model version: at once, or in waves that advance as their gates pass.
 
     Each device gets the artifact built for its own profile; the deploy is refused if some
@@ -916,8 +920,9 @@ def deploy(model_name: str, model_version: str, selector: dict[str, Any], waves:
     the current one passes its gates (enough committed, few enough failed, the bake time
     over, healthy). A failed gate pauses the rollout or, with --on-failure rollback, puts
     every moved device back on its previous version. A device that rolls back by itself
-    counts as failed. The p95 latency gate is on by default and waits until committed devices
-    served --min-samples requests: pass --no-latency-gate for devices without traffic.
+    counts as failed. The p95 latency gate is on by default and waits until every committed
+    device of the wave (or --min-reporting of them) served --min-samples requests: pass
+    --no-latency-gate for devices without traffic.
     Follow the rollout, pause, resume or cancel it with `fleet_server rollout`.
 
     \b
@@ -930,7 +935,8 @@ def deploy(model_name: str, model_version: str, selector: dict[str, Any], waves:
     rollout_body = _rollout_body(waves, on_failure, {
         "bake_s": bake_s, "min_committed": min_committed, "max_failed": max_failed,
         "max_error_rate": max_error_rate, "max_p95_ms": max_p95_ms, "max_psi": max_psi,
-        "min_samples": min_samples, "offline_grace_s": offline_grace_s,
+        "min_samples": min_samples, "min_reporting": min_reporting,
+        "offline_grace_s": offline_grace_s,
         "latency_gate": False if no_latency_gate else None})
     with _errors(), _api() as api:
         out = api.deploy(model_name, model_version, selector, rollout=rollout_body)

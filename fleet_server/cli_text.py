@@ -56,7 +56,8 @@ def _gates_text(gates: Mapping[str, Any]) -> str:
             f"{_percent(gates.get('max_failed'))}, bake {gates.get('bake_s')}s, error rate <= "
             f"{_percent(error_rate) if error_rate is not None else 'off'}, p95 <= {latency}, "
             f"psi <= {psi if psi is not None else 'off'}, min samples "
-            f"{gates.get('min_samples')}, offline grace {gates.get('offline_grace_s')}s")
+            f"{gates.get('min_samples')} on {_percent(gates.get('min_reporting', 1.0))} of "
+            f"the committed, offline grace {gates.get('offline_grace_s')}s")
 
 
 def _counts(r: Mapping[str, Any]) -> str:

@@ -204,7 +204,8 @@ class SelectorOut(BaseModel):
 class RolloutGatesIn(_In):
     """When a wave passes or fails; fractions are of the wave's devices. Unset fields take
     their defaults. A health gate judges committed devices with ``min_samples`` requests
-    (drift: predictions); the worst device decides."""
+    (drift: predictions); the worst device decides, and it passes only once
+    ``min_reporting`` of the wave's committed devices are judged (it waits until then)."""
 
     min_committed: float | None = Field(None, description="passes at this committed "
                                         "fraction, 0..1 (default 1)")
@@ -225,6 +226,9 @@ class RolloutGatesIn(_In):
                                         "fails (default 3600)")
     latency_gate: bool | None = Field(None, description="judge p95 latency at all "
                                       "(default true)")
+    min_reporting: float | None = Field(None, description="fraction, (0, 1], of the wave's "
+                                        "committed devices that must have min_samples before "
+                                        "a health gate passes (default 1: all of them)")
 
 
 class RolloutIn(_In):

@@ -3,7 +3,8 @@
 - :mod:`fleet_server.rollout.spec`: :class:`RolloutSpec` (waves, :class:`Gates`, on_failure),
   checked on construction; ``from_dict``/``to_dict`` and the ``"5%,25%,100%"`` shorthand.
 - :mod:`fleet_server.rollout.planner`: :func:`plan` (state + reports + clock + commands ->
-  new state + actions), :func:`desired` and :func:`summary`. Pure: no I/O, no clock reads.
+  new state + actions), :func:`desired` and :func:`summary` (per-device outcomes frozen once
+  a rollout ended). Pure: no I/O, no clock reads.
 - :mod:`fleet_server.rollout.health`: a device's requests, errors, p95 and drift on one model
   version, folded from the metrics and drift record bodies it sent (pure).
 

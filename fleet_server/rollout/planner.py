@@ -16,29 +16,51 @@ in the state but is inactive: it counts nowhere and is not reverted.
 A device's outcome in this rollout (:func:`outcome`), from its report:
 
 - *failed* once it has applied the desired state carrying the version (``applied_sequence >=
-  desired_sequence``) and reports ``failed``, ``rolled_back`` or ``refused``, or runs another
-  version; or when it is offline, has not applied that state, and ``offline_grace_s`` went by
-  since its assignment (a device that never reported counts as offline). Failure is sticky:
-  the planner records it with its reason and emits :class:`RevertDevice` for that device at
-  once, so the server's desired state follows what the device runs (no divergence).
-- *committed* when it applied that state, runs the version and its last result is ``ok``.
-- *pending* otherwise (not assigned yet, downloading, offline within the grace).
+  desired_sequence``) and runs another version (it rolled back by itself, or never moved), or
+  reports ``failed``, ``rolled_back`` or ``refused``; or when it is offline, has not applied
+  that state, and ``offline_grace_s`` went by since its assignment (a device that never
+  reported counts as offline). Failure is sticky: the planner records it with its reason and
+  emits :class:`RevertDevice` for that device at once, so the server's desired state follows
+  what the device runs (no divergence).
+- *committed* when it applied that state, runs the version and its last result is ``ok``. The
+  first step that sees it so records ``committed_at``. ``last_result`` is about the device's
+  whole last update, not about one model: once a device was seen committed, a failed result
+  while it still runs the version came from a later desired state (another model's update)
+  and does not fail it here. Before that, it does (a failed rollback can leave the new
+  version running: safer to stop).
+- *pending* otherwise (not assigned yet, downloading, offline within the grace, and a device
+  wiped and re-provisioned under the same id, which applied nothing yet).
 
 Gates (:class:`Gates`), judged on the active devices of the current wave, ``n`` of them:
 
 - ``failed``: failed / n > ``max_failed`` fails the wave at once (no need to wait for the bake);
   earlier waves are held to the same limit, so a canary that goes bad later still stops the
-  rollout.
+  rollout. ``n`` counts every device assigned to the wave, reported or not: one failure among
+  the first reports is not "100% failed".
 - ``committed``: committed / n >= ``min_committed`` passes; when nothing is pending any more
   and it is below, it can never pass, and fails.
 - ``bake``: ``bake_s`` seconds since the wave's last assignment. Nothing else passes, and no
   health gate fails, before that.
 - health: ``error_rate`` (errors / requests), ``p95_ms`` (against ``max_p95_ms`` or, when that
-  is None, the device's own profile budget) and ``psi`` (the largest input-feature PSI), over
-  the committed devices with at least ``min_samples`` requests (predictions, for ``psi``). The
-  worst device decides. With no such device the gate waits: it neither passes nor fails (so
-  a wave whose devices serve no traffic waits for ever, unless ``latency_gate`` is off and
-  the other health gates are None).
+  is None, the device's own profile budget) and ``psi`` (the largest input-feature PSI). A
+  committed device is *judged* once it has ``min_samples`` requests (predictions, for
+  ``psi``). The worst judged device decides, and a health gate is three-valued:
+
+  - it *fails* after the bake as soon as one judged device is over its limit (evidence of
+    harm is enough; more devices cannot make it good). The committed devices of earlier
+    waves are still watched: one that went over its limit since its wave passed fails the
+    current wave too (they never count toward its quorum);
+  - it *passes* after the bake only once :func:`quorum` of the wave's committed devices are
+    judged: ``ceil(min_reporting * committed)``, so all of them by default. Without a bake
+    time this is what stops one early healthy device from passing the wave for the others;
+  - otherwise it *waits*, and its detail says how many more devices it needs and names them
+    (``dev-7 (offline, 0 requests)``), so a stalled rollout says why in its status.
+
+  A committed device that goes offline before it sent ``min_samples`` (or never gets traffic)
+  therefore holds the wave for as long as it stays so: the rollout neither passes on less
+  evidence than the spec asked for nor fails a device that did nothing wrong. It waits
+  visibly; the operator lowers the quorum for such fleets (``min_reporting``, e.g. 0.8),
+  switches ``latency_gate`` off for fleets without traffic, or pauses or cancels.
 
 All gates pass -> the next wave starts (:class:`WaveAdvanced`; an empty wave passes at once)
 or, after the last one, :class:`RolloutCompleted`. A gate fails -> ``on_failure``: ``pause``
@@ -51,21 +73,30 @@ no-op when already so), :class:`Cancel` (reverts every moved device) and :class:
 (reverts nothing: the newer rollout takes over). A resumed rollout is judged again at once,
 so one paused by a failed gate pauses again unless the reports changed. A command that makes
 no sense in the current status raises :class:`CommandError`.
+
+Ending (:data:`ENDED`: rolled back, cancelled, superseded) freezes every device's outcome in
+its assignment (``final``, ``final_reason``): after that, a device's reports are about later
+updates (a v3 that fails on a device says nothing about the v2 rollout it superseded), so
+:func:`summary` shows a superseded rollout as it ended, and a rolled-back or cancelled one
+as it ended plus how far the revert got.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Final, Literal, cast
 
 from agent.protocol.messages import LAST_RESULTS
-from fleet_server.rollout.spec import RolloutSpec
+from fleet_server.rollout.spec import Gates, RolloutSpec
 
 __all__ = [
     "ACTIVE",
+    "ENDED",
     "FAILED_RESULTS",
+    "OUTCOMES",
     "STATE_VERSION",
     "STATUSES",
     "Action",
@@ -94,6 +125,7 @@ __all__ = [
     "desired",
     "outcome",
     "plan",
+    "quorum",
     "summary",
 ]
 
@@ -103,9 +135,14 @@ STATUSES: Final = ("running", "paused", "completed", "rolled_back", "cancelled",
 ACTIVE: Final = ("running", "paused", "completed")
 #: ``Reported.last_result`` values that make a device failed
 FAILED_RESULTS: Final = ("failed", "rolled_back", "refused")
-#: version of :meth:`RolloutState.to_dict`
-STATE_VERSION: Final = 1
+#: version of :meth:`RolloutState.to_dict`: 2 added ``committed_at``, ``final`` and
+#: ``final_reason`` to each assignment and leaves optional fields at their default out (a
+#: version 1 state reads with the new ones unset)
+STATE_VERSION: Final = 2
 Outcome = Literal["pending", "committed", "failed"]
+OUTCOMES: Final = ("pending", "committed", "failed")
+#: statuses in which the rollout has ended: its per-device outcomes are frozen
+ENDED: Final = ("rolled_back", "cancelled", "superseded")
 
 
 class CommandError(ValueError):
@@ -285,6 +322,33 @@ class Assignment:
     previous_version: str | None  # what it ran before (None: no version of this model)
     failed: str | None = None  # why it counts as failed; set once, and it was reverted then
     active: bool = True  # False while the device is not selected any more
+    committed_at: int | None = None  # the first step that saw it committed
+    final: Outcome | None = None  # its outcome when the rollout ended (None: not ended)
+    final_reason: str | None = None  # why, then
+
+    def __post_init__(self) -> None:
+        if self.final is not None and self.final not in OUTCOMES:
+            raise ValueError(f"rollout assignment {self.device_id} final: expected one of "
+                             f"{', '.join(OUTCOMES)} or None, got {self.final!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, leaving out the optional ones at their defaults: the state of a
+        1,000-device rollout is rewritten on every planning step, so its size matters
+        (``from_dict`` reads a missing field as its default)."""
+        out: dict[str, Any] = {"device_id": self.device_id, "wave": self.wave,
+                               "assigned_at": self.assigned_at,
+                               "previous_version": self.previous_version}
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                out[name] = value
+        return out
+
+
+#: the fields of :class:`Assignment` that :meth:`Assignment.to_dict` leaves out at their default
+_OPTIONAL: Final = ("failed", "active", "committed_at", "final", "final_reason")
+_DEFAULTS: Final[dict[str, Any]] = {f.name: f.default for f in fields(Assignment)
+                                    if f.name in _OPTIONAL}
 
 
 @dataclass(frozen=True)
@@ -326,7 +390,7 @@ class RolloutState:
         return {"state_version": STATE_VERSION, "rollout_id": self.rollout_id,
                 "model": self.model, "version": self.version, "status": self.status,
                 "wave": self.wave, "wave_started_at": self.wave_started_at,
-                "assignments": [asdict(a) for a in self.assignments], "reason": self.reason,
+                "assignments": [a.to_dict() for a in self.assignments], "reason": self.reason,
                 "gates": [asdict(g) for g in self.gates], "updated_at": self.updated_at}
 
     @classmethod
@@ -380,13 +444,17 @@ def outcome(state: RolloutState, assignment: Assignment, report: DeviceReport | 
         return "failed", assignment.failed
     if report is not None and report.desired_sequence is not None \
             and report.applied_sequence >= report.desired_sequence:
-        if report.last_result in FAILED_RESULTS:
+        runs = report.running_version == state.version
+        # a failed result after this device was seen committed, while it still runs the
+        # version, is about a later update (another model in its desired state): not ours
+        if report.last_result in FAILED_RESULTS and not (runs and assignment.committed_at
+                                                         is not None):
             return "failed", (f"{report.last_result}: {report.last_error or 'no error given'} "
                               f"(runs {report.running_version or 'no version'})")
-        if report.running_version != state.version:
+        if not runs:
             return "failed", (f"runs {report.running_version or 'no version'} instead of "
                               f"{state.version} after applying the desired state")
-        if report.last_result == "ok":
+        if report.last_result == "ok" or assignment.committed_at is not None:
             return "committed", None
         return "pending", "applied, no result yet"
     if report is not None and report.online:
@@ -458,14 +526,14 @@ def plan(spec: RolloutSpec, state: RolloutState, devices: Iterable[str],
     out: list[Action] = []
     st = state
     for command in commands:
-        st = _command(st, command, out)
+        st = _command(st, command, by_id, out)
     chosen = set(selected)
     st = replace(st, assignments=tuple(
         a if a.active == (a.device_id in chosen) else replace(a, active=a.device_id in chosen)
         for a in st.assignments))
     if st.status in ACTIVE:
         grace = spec.gates.offline_grace_s if st.status != "completed" else None
-        st = _mark_failures(st, by_id, now, grace, out)
+        st = _observe(st, by_id, now, grace, out)
     if st.status == "running":
         st = _advance(spec, st, selected, by_id, now, out)
     elif st.status == "completed":
@@ -486,7 +554,8 @@ def _index(reports: Iterable[DeviceReport] | Mapping[str, DeviceReport]
     return out
 
 
-def _command(st: RolloutState, command: Command, out: list[Action]) -> RolloutState:
+def _command(st: RolloutState, command: Command, by_id: Mapping[str, DeviceReport],
+             out: list[Action]) -> RolloutState:
     name = type(command).__name__
     if st.status not in ACTIVE:
         raise CommandError(f"rollout {st.rollout_id} is {st.status}: expected running, "
@@ -506,12 +575,13 @@ def _command(st: RolloutState, command: Command, out: list[Action]) -> RolloutSt
             return replace(st, status="running", reason=None)
         return st
     if isinstance(command, Cancel):
-        st = _revert_all(st, command.reason, out)
+        st = _revert_all(_freeze(st, by_id), command.reason, out)
         out.append(RolloutCancelled(command.reason))
         return replace(st, status="cancelled", reason=command.reason)
     if isinstance(command, Supersede):
         out.append(RolloutSuperseded(command.by))
-        return replace(st, status="superseded", reason=f"superseded by {command.by}")
+        return replace(_freeze(st, by_id), status="superseded",
+                       reason=f"superseded by {command.by}")
     raise ValueError(f"commands: expected Pause, Resume, Cancel or Supersede, got {command!r}")
 
 
@@ -522,8 +592,9 @@ def _revert_all(st: RolloutState, reason: str, out: list[Action]) -> RolloutStat
     return st
 
 
-def _mark_failures(st: RolloutState, by_id: Mapping[str, DeviceReport], now: int,
-                   grace: int | None, out: list[Action]) -> RolloutState:
+def _observe(st: RolloutState, by_id: Mapping[str, DeviceReport], now: int,
+             grace: int | None, out: list[Action]) -> RolloutState:
+    """Record failures (and revert those devices) and first commits."""
     changed = []
     for a in st.assignments:
         if a.active and a.failed is None:
@@ -531,8 +602,22 @@ def _mark_failures(st: RolloutState, by_id: Mapping[str, DeviceReport], now: int
             if verdict == "failed":
                 a = replace(a, failed=why)
                 out.append(RevertDevice(a.device_id, a.previous_version, why or "failed"))
+            elif verdict == "committed" and a.committed_at is None:
+                a = replace(a, committed_at=now)
         changed.append(a)
     return replace(st, assignments=tuple(changed))
+
+
+def _freeze(st: RolloutState, by_id: Mapping[str, DeviceReport]) -> RolloutState:
+    """Every device's outcome as the rollout ends: what :func:`summary` shows from then on,
+    whatever the devices report about later updates."""
+    frozen = []
+    for a in st.assignments:
+        if a.final is None:
+            verdict, why = outcome(st, a, by_id.get(a.device_id))
+            a = replace(a, final=verdict, final_reason=why)
+        frozen.append(a)
+    return replace(st, assignments=tuple(frozen))
 
 
 def _assign(spec: RolloutSpec, st: RolloutState, selected: Sequence[str],
@@ -571,7 +656,7 @@ def _advance(spec: RolloutSpec, st: RolloutState, selected: Sequence[str],
             if spec.on_failure == "pause":
                 out.append(RolloutPaused(reason))
                 return replace(st, status="paused", reason=reason)
-            st = _revert_all(st, f"rollout rolled back: {reason}", out)
+            st = _revert_all(_freeze(st, by_id), f"rollout rolled back: {reason}", out)
             out.append(RolloutRolledBack(reason))
             return replace(st, status="rolled_back", reason=reason)
         if st.wave == len(spec.waves) - 1:
@@ -614,20 +699,35 @@ def _judge(spec: RolloutSpec, st: RolloutState, by_id: Mapping[str, DeviceReport
     reports.append(GateReport(st.wave, "bake", float(elapsed), float(g.bake_s),
                               True if baked else None, f"{elapsed}s of {g.bake_s}s since the "
                               "wave's last assignment"))
-    healthy = [(a.device_id, by_id[a.device_id]) for a in committed]
-    if g.max_error_rate is not None:
-        reports.append(_health(st.wave, "error_rate", baked, g.min_samples, len(committed), [
-            (d, r.errors / r.requests, g.max_error_rate)
-            for d, r in healthy if r.requests >= g.min_samples]))
-    if g.latency_gate:
-        reports.append(_health(st.wave, "p95_ms", baked, g.min_samples, len(committed), [
-            (d, r.p95_ms, _budget(g.max_p95_ms, r))
-            for d, r in healthy if r.requests >= g.min_samples and r.p95_ms is not None]))
-    if g.max_psi is not None:
-        reports.append(_health(st.wave, "psi", baked, g.min_samples, len(committed), [
-            (d, r.max_psi, g.max_psi)
-            for d, r in healthy if r.samples >= g.min_samples and r.max_psi is not None]))
+    healthy = [by_id[a.device_id] for a in committed]
+    before = [r for a in st.assignments if a.active and a.wave < st.wave and a.failed is None
+              and (r := by_id.get(a.device_id)) is not None
+              and outcome(st, a, r)[0] == "committed"]
+    for gate in _health_gates(g):
+        reports.append(_health(st.wave, gate, baked, g, healthy, _rows(gate, g, healthy),
+                               _rows(gate, g, before)))
     return _decide(reports)
+
+
+def _health_gates(g: Gates) -> list[str]:
+    return [gate for gate, on in (("error_rate", g.max_error_rate is not None),
+                                  ("p95_ms", g.latency_gate), ("psi", g.max_psi is not None))
+            if on]
+
+
+def _rows(gate: str, g: Gates, devices: Sequence[DeviceReport]
+          ) -> list[tuple[str, float, float]]:
+    """(device, value, limit) of the devices with enough samples for ``gate``."""
+    if gate == "error_rate":
+        assert g.max_error_rate is not None
+        return [(r.device_id, r.errors / r.requests, g.max_error_rate)
+                for r in devices if r.requests >= g.min_samples]
+    if gate == "p95_ms":
+        return [(r.device_id, r.p95_ms, _budget(g.max_p95_ms, r))
+                for r in devices if r.requests >= g.min_samples and r.p95_ms is not None]
+    assert g.max_psi is not None
+    return [(r.device_id, r.max_psi, g.max_psi)
+            for r in devices if r.samples >= g.min_samples and r.max_psi is not None]
 
 
 def _budget(limit: float | None, report: DeviceReport) -> float:
@@ -640,25 +740,80 @@ def _budget(limit: float | None, report: DeviceReport) -> float:
     return report.latency_budget_ms
 
 
-def _health(wave: int, gate: str, baked: bool, min_samples: int, committed: int,
-            rows: list[tuple[str, float, float]]) -> GateReport:
-    """The worst device decides: the highest value relative to its limit. Waits without
-    rows, and before the bake is over."""
-    if not rows:
-        what = "predictions" if gate == "psi" else "requests"
-        return GateReport(wave, gate, None, None, None, f"0 of {committed} committed devices "
-                          f"have {min_samples} {what} yet")
+def quorum(min_reporting: float, committed: int) -> int:
+    """How many of ``committed`` devices a health gate needs judged before it can pass:
+    ``ceil(min_reporting * committed)``, at least 1 (0 without committed devices)."""
+    if committed <= 0:
+        return 0
+    # round first: 0.8 * 5 is 4.000000000000001 in binary floating point
+    return min(committed, max(1, math.ceil(round(min_reporting * committed, 9))))
 
-    def badness(row: tuple[str, float, float]) -> tuple[float, str]:
-        _, value, limit = row
-        if limit > 0:
-            return -value / limit, row[0]
-        return (-float("inf") if value > 0 else 0.0), row[0]
 
-    device, value, limit = min(rows, key=badness)
-    detail = (f"worst {device}: {value:g} against {limit:g} "
-              f"({len(rows)} of {committed} committed devices judged)")
-    return GateReport(wave, gate, value, limit, (value <= limit) if baked else None, detail)
+#: devices a waiting health gate names in its detail (the rest are counted)
+_NAMED: Final = 5
+
+
+def _health(wave: int, gate: str, baked: bool, g: Gates, committed: Sequence[DeviceReport],
+            rows: list[tuple[str, float, float]], earlier: list[tuple[str, float, float]]
+            ) -> GateReport:
+    """One health gate over the wave's committed devices; ``rows`` holds the judged ones
+    (enough samples) as (device, value, limit), ``earlier`` the judged committed devices of
+    the waves that passed before.
+
+    The worst device (the highest value relative to its limit) decides: after the bake, one
+    judged device over its limit fails the gate, whatever the others say, and a device of an
+    earlier wave that went bad since its wave passed counts too. The gate passes only after
+    the bake and once :func:`quorum` of this wave's committed devices are judged; until then
+    it waits, and its detail says how many devices it waits for and names them.
+    """
+    what = "predictions" if gate == "psi" else "requests"
+    n = len(committed)
+    need = quorum(g.min_reporting, n)
+    worst = min(rows, key=_badness) if rows else None
+    gone_bad = [row for row in earlier if row[1] > row[2]]
+    if gone_bad and (worst is None or _badness(min(gone_bad, key=_badness)) < _badness(worst)):
+        worst = min(gone_bad, key=_badness)  # shown only when it is over its limit
+    value, limit = (worst[1], worst[2]) if worst else (None, None)
+    bad = worst is not None and worst[1] > worst[2]
+    head = (f"worst {worst[0]}{' (an earlier wave)' if worst in earlier else ''}: "
+            f"{worst[1]:g} against {worst[2]:g}" if worst else "no device judged yet")
+    also = f", and {len(earlier)} of earlier waves" if earlier else ""
+    if not n:
+        detail = f"{head}; no committed device of this wave to judge yet"
+    elif len(rows) >= need:
+        detail = f"{head} ({len(rows)} of {n} committed devices judged{also})"
+    else:
+        judged = {row[0] for row in rows}
+        short = [r for r in committed if r.device_id not in judged]
+        named = ", ".join(_shortfall(r, gate, g.min_samples) for r in short[:_NAMED])
+        more = f" and {len(short) - _NAMED} more" if len(short) > _NAMED else ""
+        detail = (f"{head}; waiting for {need - len(rows)} more of {n} committed devices to "
+                  f"have {g.min_samples} {what} ({len(rows)} have, {need} needed at "
+                  f"min_reporting {g.min_reporting * 100:g}%)"
+                  + (f": {named}{more}" if named else ""))
+    if not baked:
+        ok = None
+    elif bad:
+        ok = False
+    else:
+        ok = True if n and len(rows) >= need else None
+    return GateReport(wave, gate, value, limit, ok, detail)
+
+
+def _badness(row: tuple[str, float, float]) -> tuple[float, str]:
+    device, value, limit = row
+    if limit > 0:
+        return -value / limit, device
+    return (-float("inf") if value > 0 else 0.0), device
+
+
+def _shortfall(r: DeviceReport, gate: str, min_samples: int) -> str:
+    """Why a committed device is not judged yet, e.g. ``dev-3 (offline, 40 requests)``."""
+    count = r.samples if gate == "psi" else r.requests
+    what = "predictions" if gate == "psi" else "requests"
+    why = f"{count} {what}" if count < min_samples else (
+        "no successful request" if gate == "p95_ms" else "no PSI")
+    return f"{r.device_id} ({'' if r.online else 'offline, '}{why})"
 
 
 def _decide(reports: list[GateReport]
@@ -681,9 +836,14 @@ def summary(state: RolloutState,
     device with the version the rollout wants on it and the version it actually runs (from
     its report), and why it is not committed.
 
-    Counts are of active devices (still selected). After a rollback or a cancel, devices not
-    failed are ``reverted`` once they run their previous version again, else ``pending``.
-    JSON-ready.
+    Counts are of active devices (still selected). Once the rollout ended (:data:`ENDED`),
+    outcomes no longer follow the devices' reports, which may be about later updates: a
+    superseded rollout shows each device's outcome frozen when it ended (``final``); after a
+    rollback or a cancel, failed devices stay failed and the others are ``reverted`` once they
+    no longer run this version (back on their previous one, or moved on by a newer
+    deployment), else ``pending`` (reverting). Each row also carries ``outcome_at_end``.
+    States written before state_version 2 have no frozen outcomes: they fall back to the
+    reports. JSON-ready.
 
     Raises:
         ValueError: duplicate reports.
@@ -699,10 +859,12 @@ def summary(state: RolloutState,
         report = by_id.get(a.device_id)
         running = report.running_version if report else None
         verdict: str
-        verdict, why = outcome(state, a, report)
-        if a.failed is None and state.status in ("rolled_back", "cancelled"):
-            back = report is not None and running == a.previous_version
-            verdict, why = ("reverted", None) if back else ("pending", "reverting")
+        if state.status == "superseded" and a.final is not None:
+            verdict, why = a.final, a.final_reason
+        elif a.failed is None and state.status in ("rolled_back", "cancelled"):
+            verdict, why = _reverting(state, a, report)
+        else:
+            verdict, why = outcome(state, a, report)
         if a.active:
             waves[a.wave]["assigned"] += 1
             waves[a.wave][verdict] += 1
@@ -711,8 +873,25 @@ def summary(state: RolloutState,
                      "running_version": running, "previous_version": a.previous_version,
                      "last_result": report.last_result if report else None,
                      "last_error": report.last_error if report else None,
-                     "online": report.online if report else False})
+                     "online": report.online if report else False,
+                     "outcome_at_end": a.final})
     return {"rollout_id": state.rollout_id, "model": state.model, "version": state.version,
             "status": state.status, "reason": state.reason, "wave": state.wave,
             "wave_started_at": state.wave_started_at, "updated_at": state.updated_at,
             "waves": waves, "gates": [asdict(g) for g in state.gates], "devices": rows}
+
+
+def _reverting(state: RolloutState, a: Assignment, report: DeviceReport | None
+               ) -> tuple[str, str | None]:
+    """A device of a rolled-back or cancelled rollout that did not fail: ``reverted`` once it
+    no longer runs this version, else ``pending``."""
+    if report is None:
+        return "pending", "reverting"
+    running = report.running_version
+    if running == a.previous_version:
+        return "reverted", None
+    if running == state.version:
+        return "pending", "reverting"
+    before = a.previous_version or "no version"
+    return "reverted", (f"runs {running or 'no version'} now, not {before}: moved on by a "
+                        "newer deployment")

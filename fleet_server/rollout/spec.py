@@ -227,9 +227,11 @@ class Gates:
     A wave passes when at least ``min_committed`` of its devices committed, at most
     ``max_failed`` failed, ``bake_s`` went by since its last device was assigned, and every
     health gate holds on the committed devices with at least ``min_samples`` requests (drift:
-    predictions). ``None`` switches a health gate off, except ``max_p95_ms``: None means each
-    device's profile latency budget, and ``latency_gate=False`` switches that one off (for
-    fleets whose devices may serve too little traffic to ever judge it).
+    predictions). A health gate passes only once ``min_reporting`` of the wave's committed
+    devices (all of them by default) have that many; until then it waits, and its detail names
+    the devices it waits for. ``None`` switches a health gate off, except ``max_p95_ms``: None
+    means each device's profile latency budget, and ``latency_gate=False`` switches that one
+    off (for fleets whose devices may serve too little traffic to ever judge it).
     """
 
     min_committed: float = 1.0  # fraction of the wave, in [0, 1]
@@ -242,11 +244,13 @@ class Gates:
     offline_grace_s: int = 3600  # an offline device that has not applied the state this long
     #                              after its assignment counts as failed
     latency_gate: bool = True  # judge p95 latency at all
-
+    min_reporting: float = 1.0  # fraction of the wave's committed devices, in (0, 1], that
+    #                             must have min_samples before a health gate can pass
 
     def __post_init__(self) -> None:
         _check_fraction("gates.min_committed", self.min_committed)
         _check_fraction("gates.max_failed", self.max_failed)
+        _check_fraction("gates.min_reporting", self.min_reporting, low_open=True)
         for name in ("bake_s", "offline_grace_s"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -266,7 +270,8 @@ class Gates:
                 not _is_number(self.max_psi) or not math.isfinite(self.max_psi)
                 or self.max_psi < 0):
             raise SpecError("gates.max_psi", "a finite number >= 0 or null", self.max_psi)
-        for name in ("min_committed", "max_failed", "max_error_rate", "max_p95_ms", "max_psi"):
+        for name in ("min_committed", "max_failed", "max_error_rate", "max_p95_ms", "max_psi",
+                     "min_reporting"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
@@ -44,6 +44,7 @@ from fleet_server.rollout import (
     plan,
     summary,
 )
+from fleet_server.rollout.planner import quorum
 
 OLD, NEW = "v1", "v2"
 
@@ -86,6 +87,16 @@ def report(device_id: str, kind: str, **extra: Any) -> DeviceReport | None:
     base.update(extra)
     return DeviceReport(device_id, **base)
 
+
+#: committed and online, but has served nothing yet
+SILENT: Final = {"requests": 0, "errors": 0, "p95_ms": None, "samples": 0, "max_psi": None}
+#: committed, then went offline before it sent any telemetry
+GONE: Final = {**SILENT, "online": False}
+#: applied a later desired state (sequence 5) whose other model failed; still runs NEW
+OTHER_MODEL_FAILED: Final = {"applied_sequence": 5, "last_result": "rolled_back",
+                             "last_error": "model other 3: health check failed"}
+#: wiped and re-provisioned: a fresh agent that runs nothing and applied nothing yet
+WIPED: Final = {**SILENT, "running_version": None, "applied_sequence": 0, "last_result": None}
 
 Policy = Callable[[RolloutState, Sequence[str]], list[DeviceReport]]
 
@@ -436,6 +447,103 @@ SCENARIOS: dict[str, Scenario] = {
                                       "revert v1*2", "rolled_back"],
                  reports=fleet(overrides={(1, 0): "refused"})),
         ]),
+    # --- health gates judge a wave only on enough of it (gates.min_reporting) ---------------
+    # no bake: one healthy device used to pass the wave before the other one served anything
+    "no-bake-health-gate-waits-for-every-committed-device": Scenario(
+        spec("2,all", bake_s=0, max_error_rate=0.05), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): SILENT})),
+            Step(20, "running", ["wave 1", "assign*2"]),
+        ]),
+    "committed-then-offline-without-telemetry-holds-the-wave": Scenario(
+        spec("2,all", bake_s=0), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 0): GONE})),
+            Step(100_000, "running", [], reports=fleet(overrides={(0, 0): GONE})),
+        ]),
+    "quorum-passes-without-the-silent-device": Scenario(
+        spec("4,all", bake_s=0, min_reporting=0.75), fleet_of(8), [
+            Step(0, "running", ["wave 0", "assign*4"]),
+            Step(10, "running", ["wave 1", "assign*4"], reports=fleet(overrides={(0, 3): GONE})),
+        ]),
+    "quorum-not-reached-waits": Scenario(
+        spec("4,all", bake_s=0, min_reporting=0.75), fleet_of(8), [
+            Step(0, "running", ["wave 0", "assign*4"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE, (0, 3): SILENT})),
+            Step(20, "running", ["wave 1", "assign*4"],
+                 reports=fleet(overrides={(0, 1): GONE})),
+        ]),
+    "quorum-rounds-up-3-of-4-at-0.6": Scenario(
+        spec("4,all", bake_s=0, min_reporting=0.6), fleet_of(8), [
+            Step(0, "running", ["wave 0", "assign*4"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 0): GONE, (0, 2): SILENT})),
+        ]),
+    "one-bad-judged-device-fails-before-the-quorum": Scenario(
+        spec("2,all", bake_s=0, max_error_rate=0.05), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "paused", ["FAIL 0:error_rate", "paused"],
+                 reports=fleet(overrides={(0, 0): {"errors": 100}, (0, 1): SILENT})),
+        ]),
+    "after-the-bake-health-waits-for-a-late-reporter": Scenario(
+        spec("2,all", bake_s=60, max_psi=0.2), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", [], reports=fleet(overrides={(0, 1): {"samples": 10}})),
+            Step(61, "running", ["wave 1", "assign*2"]),
+        ]),
+    "many-failures-judged-over-the-wave-not-over-the-reporters": Scenario(
+        spec("4,all", max_failed=0.25, min_committed=0.5), fleet_of(8), [
+            Step(0, "running", ["wave 0", "assign*4"]),
+            # 1 failed, 3 not reported yet: 1 of 4 is within the limit (not 1 of 1)
+            Step(10, "running", ["revert v1"], reports=fleet(overrides={
+                (0, 0): "failed", (0, 1): "updating", (0, 2): "updating", (0, 3): "updating"})),
+            Step(20, "paused", ["revert v1", "FAIL 0:failed", "paused"], reports=fleet(
+                overrides={(0, 0): "failed", (0, 1): "refused", (0, 2): "updating",
+                           (0, 3): "updating"})),
+        ]),
+    # a canary that went bad after its wave passed stops the next wave's health gate
+    "an-earlier-wave-gone-unhealthy-fails-the-current-wave": Scenario(
+        spec("2,all", max_error_rate=0.05), fleet_of(6), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(60, "running", ["wave 1", "assign*4"]),
+            Step(100, "running", [], reports=fleet(overrides={(0, 0): {"errors": 60}})),
+            Step(120, "paused", ["FAIL 1:error_rate", "paused"],
+                 reports=fleet(overrides={(0, 0): {"errors": 60}})),
+        ]),
+    # ... but healthy earlier waves do not stand in for the current wave's quorum
+    "earlier-waves-do-not-count-toward-the-quorum": Scenario(
+        spec("2,all", bake_s=0, max_error_rate=0.05), fleet_of(6), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", ["wave 1", "assign*4"]),
+            Step(20, "running", [], reports=fleet(overrides={
+                (1, i): SILENT for i in range(4)})),
+            Step(30, "completed", ["completed"]),
+        ]),
+    # --- evidence about other updates ------------------------------------------------------
+    # the device committed NEW; a later desired state (another model) failed on it while it
+    # still runs NEW: that result is not about this rollout
+    "a-later-failure-while-running-the-version-keeps-the-commit": Scenario(
+        spec("2,all"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", []),
+            Step(60, "running", ["wave 1", "assign*2"],
+                 reports=fleet(overrides={(0, 1): OTHER_MODEL_FAILED})),
+        ]),
+    # never seen committed: a failure while it runs NEW may be a rollback of NEW that failed
+    "a-failure-before-any-commit-counts-even-while-running-the-version": Scenario(
+        spec("2,all"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "paused", ["revert v1", "FAIL 0:failed", "FAIL 0:committed", "paused"],
+                 reports=fleet(overrides={(0, 1): OTHER_MODEL_FAILED})),
+        ]),
+    # a committed device wiped and re-provisioned (same id, fresh agent): it runs nothing and
+    # applied nothing, so it is pending again and holds the wave until it has re-applied
+    "re-provisioned-device-is-pending-until-it-re-applies": Scenario(
+        spec("2,all"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", []),
+            Step(60, "running", [], reports=fleet(overrides={(0, 0): WIPED})),
+            Step(70, "running", ["wave 1", "assign*2"]),
+        ]),
 }
 
 
@@ -595,6 +703,136 @@ def test_health_gate_worst_device_is_judged_against_its_own_budget() -> None:
     assert state.wave_devices(0)[1] in p95.detail
 
 
+def test_a_failing_earlier_wave_device_is_named_in_the_reason() -> None:
+    history = run(SCENARIOS["an-earlier-wave-gone-unhealthy-fails-the-current-wave"])
+    state = history[-1][0]
+    canary = state.wave_devices(0)[0]
+    assert state.reason == (f"wave 1 gate error_rate: worst {canary} (an earlier wave): 0.12 "
+                            "against 0.05 (4 of 4 committed devices judged, and 2 of earlier "
+                            "waves)")
+
+
+def test_a_waiting_health_gate_names_the_devices_it_waits_for() -> None:
+    sp = spec("all", bake_s=0, latency_gate=False, max_error_rate=0.1, min_reporting=0.7)
+    devices = fleet_of(14)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    order = state.wave_devices(0)
+    quiet = {(0, i): (GONE if i % 2 else {"requests": 40}) for i in range(7)}
+    state, actions = plan(sp, state, devices, fleet(overrides=quiet)(state, devices), 10)
+    assert state.status == "running" and not any(isinstance(a, WaveAdvanced) for a in actions)
+    gate = next(g for g in state.gates if g.gate == "error_rate")
+    assert gate.ok is None and (gate.value, gate.limit) == (0.0, 0.1)
+    assert gate.detail.startswith(
+        f"worst {min(order[7:])}: 0 against 0.1; waiting for 3 more of 14 committed devices to "
+        "have 100 requests (7 have, 10 needed at min_reporting 70%): ")
+    assert f"{order[0]} (40 requests), {order[1]} (offline, 0 requests)" in gate.detail
+    assert gate.detail.endswith(" and 2 more")  # 7 short, 5 named
+    # the rollout's status carries it: summary() is what the API, CLI and dashboard show
+    shown = {g["gate"]: g for g in summary(state, fleet(overrides=quiet)(state, devices))[
+        "gates"]}
+    assert shown["error_rate"]["ok"] is None and "waiting for 3 more" in \
+        shown["error_rate"]["detail"]
+
+
+@pytest.mark.parametrize(("fraction", "committed", "needed"), [
+    (1.0, 5, 5), (0.8, 5, 4), (0.6, 4, 3), (0.5, 3, 2), (0.01, 3, 1), (1.0, 1, 1),
+    (0.5, 0, 0)], ids=["all", "0.8-of-5-is-4-not-5", "0.6-of-4-rounds-up", "half-of-3",
+                       "at-least-one", "one", "no-committed-device"])
+def test_quorum(fraction: float, committed: int, needed: int) -> None:
+    assert quorum(fraction, committed) == needed
+
+
+def _v2_completed_then_superseded() -> tuple[RolloutState, list[str]]:
+    """A v2 rollout committed on 5 devices, then superseded by a v3 deployment."""
+    sp = spec("all")
+    devices = fleet_of(5)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    state, _ = plan(sp, state, devices, fleet()(state, devices), 60)
+    assert state.status == "completed"
+    state, actions = plan(sp, state, devices, fleet()(state, devices), 70,
+                          [Supersede("deployment 9")])
+    assert brief(actions) == ["superseded"]
+    return state, list(state.wave_devices(0))
+
+
+def test_a_superseded_rollout_keeps_the_outcomes_it_ended_with() -> None:
+    state, order = _v2_completed_then_superseded()
+    # v3 then fails its health check on one device (back on v2, reported rolled_back after a
+    # newer sequence) and commits on the others: none of that is about the v2 rollout
+    later = [report(order[0], "ok", applied_sequence=6, last_result="rolled_back",
+                    last_error="v3: health check failed"),
+             *(report(d, "ok", running_version="v3", applied_sequence=6) for d in order[1:])]
+    view = summary(state, [r for r in later if r is not None])
+    assert view["waves"] == [{"index": 0, "assigned": 5, "committed": 5, "failed": 0,
+                              "pending": 0, "reverted": 0}]
+    rows = {r["device_id"]: r for r in view["devices"]}
+    assert {r["outcome"] for r in rows.values()} == {"committed"}
+    assert {r["outcome_at_end"] for r in rows.values()} == {"committed"}
+    assert rows[order[0]]["last_result"] == "rolled_back"  # what the device says now
+    assert rows[order[1]]["running_version"] == "v3"
+
+
+def test_a_superseded_rollout_freezes_pending_and_failed_devices_too() -> None:
+    sp = spec("all", max_failed=0.5, min_committed=0.0)
+    devices = fleet_of(4)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    order = state.wave_devices(0)
+    at_end = fleet(overrides={(0, 0): "refused", (0, 1): "updating"})(state, devices)
+    state, _ = plan(sp, state, devices, at_end, 10, [Supersede("deployment 9")])
+    frozen = {r["device_id"]: (r["outcome"], r["reason"])
+              for r in summary(state, at_end)["devices"]}
+    assert frozen[order[0]][0] == "failed" and "refused" in str(frozen[order[0]][1])
+    assert frozen[order[1]] == ("pending", "updating")
+    assert frozen[order[2]] == frozen[order[3]] == ("committed", None)
+    # every device then commits v3: the v2 rollout still says what it ended with
+    v3 = [report(d, "ok", running_version="v3", applied_sequence=9) for d in order]
+    assert {r["device_id"]: (r["outcome"], r["reason"]) for r in summary(
+        state, [r for r in v3 if r is not None])["devices"]} == frozen
+
+
+def test_a_rolled_back_rollout_counts_devices_moved_on_by_a_newer_deployment_as_reverted(
+        ) -> None:
+    sp = spec("all", "rollback", max_failed=0.5, min_committed=0.0)
+    devices = fleet_of(4)
+    fresh = RolloutState("r", "digits", NEW)
+    state, _ = plan(sp, fresh, devices, fleet()(fresh, devices), 0)  # all on v1 before
+    state, _ = plan(sp, state, devices, fleet(p95_ms=99.0, overrides={(0, 0): "failed"})(
+        state, devices), 60)
+    assert state.status == "rolled_back"
+    order = state.wave_devices(0)
+    assert [state.assignment(d).final for d in order] == [  # type: ignore[union-attr]
+        "failed", "committed", "committed", "committed"]
+    later = [report(order[0], "ok", running_version="v3", applied_sequence=9),  # sticky
+             report(order[1], "unassigned", applied_sequence=5),  # back on v1
+             report(order[2], "ok"),  # still on NEW: reverting
+             report(order[3], "ok", running_version="v3", applied_sequence=9)]  # moved on
+    rows = {r["device_id"]: r for r in summary(state, [r for r in later if r])["devices"]}
+    assert [rows[d]["outcome"] for d in order] == ["failed", "reverted", "pending", "reverted"]
+    assert rows[order[3]]["reason"] == "runs v3 now, not v1: moved on by a newer deployment"
+    assert rows[order[2]]["reason"] == "reverting"
+
+
+def test_the_stored_state_leaves_defaults_out() -> None:
+    state, _ = _v2_completed_then_superseded()
+    first = state.to_dict()["assignments"][0]
+    assert set(first) == {"device_id", "wave", "assigned_at", "previous_version",
+                          "committed_at", "final"}  # not failed, active, final_reason
+    assert first["final"] == "committed" and first["committed_at"] == 60
+    assert RolloutState.from_dict(state.to_dict()) == state
+
+
+def test_a_state_written_before_version_2_still_reads() -> None:
+    state, _ = _v2_completed_then_superseded()
+    old = state.to_dict()
+    old["state_version"] = 1  # every field written, none of version 2's
+    old["assignments"] = [{"device_id": a.device_id, "wave": a.wave,
+                           "assigned_at": a.assigned_at, "previous_version": a.previous_version,
+                           "failed": a.failed, "active": a.active} for a in state.assignments]
+    back = RolloutState.from_dict(old)
+    assert [(a.committed_at, a.final) for a in back.assignments] == [(None, None)] * 5
+    assert back.status == "superseded"
+
+
 # ---------------------------------------------------------------------------------------------
 # state round trip and misuse
 # ---------------------------------------------------------------------------------------------
@@ -660,8 +898,12 @@ MISUSE: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
         lambda: DeviceReport("a", "rpi4", requests=1, errors=2),
         ValueError, "errors: expected at most requests (1), got 2"),
     "newer-state-version": (
-        lambda: RolloutState.from_dict({**_started().to_dict(), "state_version": 2}),
-        ValueError, "state_version: expected 1..1, got 2"),
+        lambda: RolloutState.from_dict({**_started().to_dict(), "state_version": 3}),
+        ValueError, "state_version: expected 1..2, got 3"),
+    "bad-frozen-outcome": (
+        lambda: RolloutState.from_dict({**_started().to_dict(), "assignments": [
+            {**_started().to_dict()["assignments"][0], "final": "exploded"}]}),
+        ValueError, "final: expected one of pending, committed, failed or None"),
     "bad-state-status": (
         lambda: RolloutState("r", "m", NEW, status="exploded"),  # type: ignore[arg-type]
         ValueError, "status: expected one of running"),

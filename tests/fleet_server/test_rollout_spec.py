@@ -39,14 +39,14 @@ def test_shorthand_parses_and_prints_back(text: str, waves: tuple[WaveSpec, ...]
 def test_dict_round_trip_keeps_every_gate() -> None:
     gates = Gates(min_committed=0.9, max_failed=0.05, bake_s=900, max_error_rate=0.01,
                   max_p95_ms=None, max_psi=0.25, min_samples=200, offline_grace_s=7200,
-                  latency_gate=True)
+                  latency_gate=True, min_reporting=0.8)
     spec = RolloutSpec.parse("5%,25%,100%", gates, "rollback")
     data = spec.to_dict()
     assert data == {"waves": [{"fraction": 0.05}, {"fraction": 0.25}, {"fraction": 1.0}],
                     "gates": {"min_committed": 0.9, "max_failed": 0.05, "bake_s": 900,
                               "max_error_rate": 0.01, "max_p95_ms": None, "max_psi": 0.25,
                               "min_samples": 200, "offline_grace_s": 7200,
-                              "latency_gate": True},
+                              "latency_gate": True, "min_reporting": 0.8},
                     "on_failure": "rollback"}
     assert RolloutSpec.from_dict(data) == spec
 
@@ -58,6 +58,10 @@ FROM_DICT: dict[str, tuple[dict[str, Any], RolloutSpec]] = {
     "defaults": ({"waves": [{"fraction": 1}]}, RolloutSpec((F(1.0),), Gates(), "pause")),
     "partial-gates": ({"waves": "all", "gates": {"bake_s": 60}},
                       RolloutSpec((F(1.0),), Gates(bake_s=60))),
+    "min-reporting-quorum": ({"waves": "all", "gates": {"min_reporting": 0.8}},
+                             RolloutSpec((F(1.0),), Gates(min_reporting=0.8))),
+    "min-reporting-an-int-1": ({"waves": "all", "gates": {"min_reporting": 1}},
+                               RolloutSpec((F(1.0),), Gates())),
 }
 
 
@@ -145,6 +149,13 @@ BAD: dict[str, tuple[Any, str, str]] = {
                      "a finite number >= 0 or null"),
     "latency-gate-not-bool": ({"waves": "all", "gates": {"latency_gate": "no"}},
                               "gates.latency_gate", "a boolean"),
+    # a quorum of no device would let a health gate pass on no evidence at all
+    "min-reporting-zero": ({"waves": "all", "gates": {"min_reporting": 0}},
+                           "gates.min_reporting", "a number in (0, 1]"),
+    "min-reporting-above-1": ({"waves": "all", "gates": {"min_reporting": 1.2}},
+                              "gates.min_reporting", "a number in (0, 1]"),
+    "min-reporting-as-string": ({"waves": "all", "gates": {"min_reporting": "80%"}},
+                                "gates.min_reporting", "a number in (0, 1]"),
 }
 
 
@@ -176,6 +187,11 @@ def test_constructors_check_too() -> None:
         RolloutSpec((F(1.0),), on_failure="explode")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="total: expected an integer >= 0, got -1"):
         F(0.5).target(-1)
+
+
+def test_min_reporting_defaults_to_every_committed_device() -> None:
+    assert Gates().min_reporting == 1.0
+    assert RolloutSpec.from_dict({"waves": "all"}).gates.min_reporting == 1.0
 
 
 def test_parse_waves_does_not_check_the_whole() -> None:

@@ -300,26 +300,29 @@ def _self_rollback(f: Fleetlet, wave0: list[str]) -> None:
 
 
 # health numbers are judged by the maintenance pass (or the runtime's rollout tick); the
-# failing device reports first, so that a re-plan between the two messages, if the runtime
-# makes one, judges the wave on it too (a healthy device alone would let the wave pass)
+# healthy device reports first: a re-plan between the two messages must not let the wave pass
+# on it alone (the health gates wait for every committed device of the wave)
 def _error_rate(f: Fleetlet, wave0: list[str]) -> None:
     f.settle()
-    f.metrics(wave0[1], "2", ok=80, errors=20)
     f.metrics(wave0[0], "2", ok=100)
+    f.maintain()
+    f.metrics(wave0[1], "2", ok=80, errors=20)
     f.maintain()
 
 
 def _p95_over_profile_budget(f: Fleetlet, wave0: list[str]) -> None:
     f.settle()
-    f.metrics(wave0[1], "2", ok=200, latency_ms=80.0)  # rpi4's budget is 50 ms
     f.metrics(wave0[0], "2", ok=200, latency_ms=8.0)
+    f.maintain()
+    f.metrics(wave0[1], "2", ok=200, latency_ms=80.0)  # rpi4's budget is 50 ms
     f.maintain()
 
 
 def _drift(f: Fleetlet, wave0: list[str]) -> None:
     f.settle()
-    f.drift(wave0[1], "2", max_psi=0.6, predictions=500)
     f.drift(wave0[0], "2", max_psi=0.05, predictions=500)
+    f.maintain()
+    f.drift(wave0[1], "2", max_psi=0.6, predictions=500)
     f.maintain()
 
 
@@ -412,7 +415,86 @@ def test_a_device_that_rolled_back_by_itself_is_failed_with_its_reason(
     assert f.rollout(rid)["status"] == "completed"  # 1 of 3 failed: within the gates
 
 
+def test_without_a_bake_a_wave_waits_for_the_health_of_every_committed_device(
+        make_fleet: Callable[[int], Fleetlet]) -> None:
+    f = make_fleet(4)
+    rid = f.deploy("2", "2,all", max_error_rate=0.05, min_samples=50)["id"]
+    f.settle()
+    wave0 = f.on("2")
+    assert len(wave0) == 2
+    f.metrics(wave0[0], "2", ok=100)  # one healthy device is not the wave
+    f.maintain()
+
+    def error_gate() -> dict[str, Any]:
+        r = f.rollout(rid)
+        assert (r["status"], r["wave"]) == ("running", 0), r
+        return dict(next(g for g in r["gates"] if g["gate"] == "error_rate"))
+
+    gate = error_gate()
+    assert gate["ok"] is None and gate["value"] == 0.0
+    assert "waiting for 1 more of 2 committed devices to have 50 requests" in gate["detail"]
+    assert f"{wave0[1]} (0 requests)" in gate["detail"]
+    # it goes offline without ever sending telemetry: the wave holds, and says on what
+    f.send(Status(device_id=wave0[1], online=False, at=f.clock.now))
+    f.maintain(7 * 24 * 3600)
+    assert f"{wave0[1]} (offline, 0 requests)" in error_gate()["detail"]
+    assert f.on("2") == wave0
+    # back, with its numbers: the wave passes
+    f.send(Status(device_id=wave0[1], online=True, at=f.clock.now))
+    f.metrics(wave0[1], "2", ok=60)
+    f.maintain()
+    assert len(f.on("2")) == 4
+
+
+def test_a_quorum_lets_a_wave_pass_without_a_silent_device(
+        make_fleet: Callable[[int], Fleetlet]) -> None:
+    f = make_fleet(6)
+    rid = f.deploy("2", "4,all", max_error_rate=0.05, min_samples=50, min_reporting=0.75)["id"]
+    f.settle()
+    wave0 = f.on("2")
+    for device_id in wave0[:2]:
+        f.metrics(device_id, "2", ok=100)
+    f.maintain()
+    assert len(f.on("2")) == 4, "2 of 4 judged: below the quorum of 3"
+    f.metrics(wave0[2], "2", ok=100)
+    f.maintain()
+    assert len(f.on("2")) == 6
+    gate = next(e for e in _audit_actions(f) if e["target"] == f"rollout:{rid}"
+                and any(a["action"] == "wave" and a["index"] == 1 for a in e["actions"]))
+    judged = next(a for a in gate["actions"] if a["action"] == "gate"
+                  and a["gate"] == "error_rate")
+    assert judged["ok"] is True and "(3 of 4 committed devices judged)" in judged["detail"]
+
+
 # ------------------------------------------------------------------------------ supersede
+def test_a_superseded_rollout_keeps_its_outcomes_when_the_next_version_fails(
+        make_fleet: Callable[[int], Fleetlet]) -> None:
+    f = make_fleet(5)
+    v2 = f.deploy("2", "all")["id"]
+    f.settle()
+    assert f.rollout(v2)["status"] == "completed"
+    v3 = f.deploy("3", "all")["id"]
+    assert f.rollout(v2)["status"] == "superseded"
+    victim = f.on("3")[0]
+    f.apply(victim, "rolled_back", "health check: outputs differ from the golden outputs")
+    f.settle()
+    assert f.devices[victim].running == "2"
+    assert sorted(d for d, dev in f.devices.items() if dev.running == "3") == \
+        sorted(set(f.devices) - {victim})
+
+    old = f.rollout(v2)
+    assert old["status"] == "superseded"
+    assert old["waves"] == [{"index": 0, "target": "all", "assigned": 5, "committed": 5,
+                             "failed": 0, "pending": 0, "reverted": 0}]
+    assert {d["outcome"] for d in old["devices"]} == {"committed"}
+    new = f.rollout(v3)
+    assert (new["waves"][0]["committed"], new["waves"][0]["failed"]) == (4, 1)
+    with atomic(f.fleet.engine) as conn:
+        mine = {r["rollout_id"]: r for r in devices.get_device(conn, victim)["rollouts"]}
+    assert (mine[v2]["outcome"], mine[v2]["reason"]) == ("committed", None)
+    assert mine[v3]["outcome"] == "failed" and "outputs differ" in mine[v3]["reason"]
+
+
 @pytest.mark.parametrize("newer_waves", [None, "1,all"], ids=["plain", "rollout"])
 def test_a_newer_deployment_supersedes_a_running_rollout(
         make_fleet: Callable[[int], Fleetlet], newer_waves: str | None) -> None:
@@ -532,6 +614,19 @@ def test_pause_resume_cancel_through_the_api(api: tuple[Fleetlet, TestClient]) -
     assert _json(denied, 403)["error"] == "Forbidden"
 
 
+def test_a_health_quorum_through_the_api(api: tuple[Fleetlet, TestClient]) -> None:
+    _, client = api
+    gates = {"latency_gate": False, "max_error_rate": 0.1, "min_samples": 10}
+    bad = _json(client.post("/v1/deployments", json={
+        "model": MODEL, "version": "2", "selector": {"all": True},
+        "rollout": {"waves": "all", "gates": {**gates, "min_reporting": 0}}}), 422)
+    assert "gates.min_reporting" in bad["detail"] and "(0, 1]" in bad["detail"], bad
+    dep = _json(client.post("/v1/deployments", json={
+        "model": MODEL, "version": "2", "selector": {"all": True},
+        "rollout": {"waves": "all", "gates": {**gates, "min_reporting": 0.5}}}), 201)
+    assert dep["rollout"]["spec"]["gates"]["min_reporting"] == 0.5
+
+
 def test_a_self_rollback_shows_in_the_api(api: tuple[Fleetlet, TestClient]) -> None:
     f, client = api
     rid = _json(client.post("/v1/deployments", json={
@@ -597,7 +692,7 @@ def test_rollout_commands_in_the_cli(served: Served) -> None:
 
     deployed = served.run("deploy", MODEL, "2", "--to", "tag:lab", "--waves", "1,all",
                           "--no-latency-gate", "--max-failed", "0.5", "--min-committed", "0.5",
-                          "--on-failure", "rollback")
+                          "--min-reporting", "0.5", "--on-failure", "rollback")
     assert deployed.exit_code == 0, deployed.output
     rid = json.loads(served.run("deployment", "list", "--json").stdout)[0]["rollout_id"]
     assert f"Rollout {rid} running in waves 1,all: wave 0 took 1 device(s)" in deployed.stdout
@@ -612,6 +707,7 @@ def test_rollout_commands_in_the_cli(served: Served) -> None:
     text = shown.stdout
     assert f"Rollout {rid}: {MODEL} 2 to tag:lab: running at wave 1 (waves 0-1: 1,all)" in text
     assert "on failure: rollback" in text and "failed <= 50%" in text and "p95 <= off" in text
+    assert "min samples 100 on 50% of the committed" in text
     assert "WAVE  TARGET  ASSIGNED  COMMITTED  FAILED  PENDING  REVERTED" in text
     line = next(x for x in text.splitlines() if x.startswith(first))
     assert "failed" in line and "rolled_back" in line and "outputs differ" in line

@@ -6,17 +6,23 @@ here touches the network (the link is never started).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import load_config
 from agent.daemon.app import Agent, load_provisioning
-from agent.errors import ConfigError
-from agent.protocol.messages import DesiredState
+from agent.errors import ConfigError, TransportError
+from agent.protocol.messages import DesiredModel, DesiredState, Reported, RunningModel
 from agent.protocol.signed import sign_desired
+from agent.updater.runner import UpdateReport
 from fleet_server.auth import Principal
 from fleet_server.db import atomic
 from fleet_server.fleet import Fleet, init_data_dir, open_fleet
@@ -33,8 +39,7 @@ def fleet(tmp_path: Path) -> Fleet:
     return open_fleet(settings, clock=lambda: NOW)
 
 
-@pytest.fixture
-def agent(fleet: Fleet, tmp_path: Path) -> Agent:
+def make_agent(fleet: Fleet, tmp_path: Path, extra: str = "", **kw: Any) -> Agent:
     with atomic(fleet.engine) as conn:
         out = devices.provision(fleet, conn, device_id="pi-7", profile="rpi4", tags=[],
                                 actor=Principal("t", "test", "admin"))
@@ -43,8 +48,14 @@ def agent(fleet: Fleet, tmp_path: Path) -> Agent:
     prov.write_bytes(out.provisioning.to_bytes())
     prov.chmod(0o600)
     cfg = tmp_path / "dev" / "agent.toml"
-    cfg.write_text('provisioning = "provisioning.json"\ndata_dir = "data"\nhttp_port = 0\n')
-    return Agent(load_config(cfg), clock=lambda: NOW)
+    cfg.write_text('provisioning = "provisioning.json"\ndata_dir = "data"\nhttp_port = 0\n'
+                   + extra)
+    return Agent(load_config(cfg), clock=lambda: NOW, **kw)
+
+
+@pytest.fixture
+def agent(fleet: Fleet, tmp_path: Path) -> Agent:
+    return make_agent(fleet, tmp_path)
 
 
 def state(device: str = "pi-7", seq: int = 1, issued: int = NOW - 10,
@@ -108,3 +119,143 @@ def test_reconnect_bounds_are_jittered_per_device(rand: float, expected: tuple[i
     from agent.transport.mqtt import reconnect_jitter
 
     assert reconnect_jitter(1.0, 60.0, lambda: rand) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# reconcile: one `reported` per update, carrying the applied sequence
+# ---------------------------------------------------------------------------------------------
+class RecordingLink:
+    """The daemon's link seam, connected, recording what is published (worker threads)."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, kind: str, payload: bytes, *, retain: bool = False) -> None:
+        with self._lock:
+            self.published.append((kind, payload, retain))
+
+    def reported(self) -> list[Reported]:
+        with self._lock:
+            return [Reported.from_bytes(p) for k, p, _ in self.published if k == "reported"]
+
+
+class ScriptedRunner:
+    """The runner seam: each model's update reports ``ok`` at once, or first fails transiently
+    ``transient[name]`` times (as a download from an unreachable server does)."""
+
+    def __init__(self, agent: Agent, transient: dict[str, int] | None = None) -> None:
+        self.agent = agent
+        self.transient = dict(transient or {})
+
+    def start(self, model: DesiredModel, sequence: int) -> None:
+        if self.transient.get(model.name, 0) > 0:
+            self.transient[model.name] -= 1
+            raise TransportError(f"{model.name}: the server is unreachable")
+        self.agent.report(UpdateReport(
+            update_id=f"{sequence}/{model.name}", sequence=sequence, name=model.name,
+            version=model.version, state="Committed", result="ok", error=None,
+            running=RunningModel(model.name, model.version, "0" * 64), at=NOW))
+
+    def resume(self) -> None:
+        raise AssertionError("nothing was recorded, so nothing resumes")
+
+
+def _model(name: str) -> DesiredModel:
+    return DesiredModel(name=name, version="2", target_path=f"{name}/2/model.onnx",
+                        manifest_target=f"{name}/2/manifest.json", sha256="a" * 64, length=10,
+                        profile="rpi4")
+
+
+class WatchedQueue(asyncio.Queue[DesiredState]):
+    """The reconciler's queue; ``idle`` is set when it asks for the next state with none left,
+    which it does only once everything for the last one (its final publish too) is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle = asyncio.Event()
+        self.gets = 0
+
+    async def get(self) -> DesiredState:
+        self.gets += 1
+        if self.gets > 1 and self.empty():
+            self.idle.set()
+        return await super().get()
+
+
+async def _reconcile(agent: Agent, desired: DesiredState) -> RecordingLink:
+    """Run the daemon's reconciler on ``desired`` until it waits for the next state."""
+    loop = asyncio.get_running_loop()
+    link = RecordingLink()
+    agent.link = link  # type: ignore[assignment]
+    agent._loop = loop
+    queue = WatchedQueue()
+    agent._desired = queue
+    await queue.put(desired)
+    task = asyncio.create_task(agent._reconciler())
+    try:
+        await asyncio.wait_for(queue.idle.wait(), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return link
+
+
+def test_an_update_sends_one_reported_with_the_applied_sequence(agent: Agent) -> None:
+    agent.runner = ScriptedRunner(agent)  # type: ignore[assignment]
+    desired = replace(state(seq=4), models=(_model("digits"),))
+    link = asyncio.run(_reconcile(agent, desired))
+    (sent,) = link.reported()
+    assert [k for k, _, _ in link.published] == ["reported"]
+    assert link.published[0][2] is True  # retained: the server's view of the device
+    assert (sent.applied_sequence, sent.state, sent.last_result) == (4, "Committed", "ok")
+    assert agent.state.applied_sequence() == 4
+
+
+def test_an_update_that_finished_is_reported_before_a_transient_wait(fleet: Fleet,
+                                                                      tmp_path: Path) -> None:
+    agent = make_agent(fleet, tmp_path, rand=lambda: 0.0)  # backoff waits 0 s
+    agent.runner = ScriptedRunner(agent, transient={"b": 1})  # type: ignore[assignment]
+    desired = replace(state(seq=6), models=(_model("a"), _model("b")))
+    link = asyncio.run(_reconcile(agent, desired))
+    first, last = link.reported()
+    # "a" committed, then "b" failed transiently: the device says so before it waits ...
+    assert (first.applied_sequence, first.last_result) == (0, "ok")
+    # ... and once "b" is done too, the sequence is applied
+    assert (last.applied_sequence, last.last_result) == (6, "ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# drift: the monitor is built at the first prediction, not at activation
+# ---------------------------------------------------------------------------------------------
+def test_drift_monitor_is_built_at_the_first_prediction(fleet: Fleet, tmp_path: Path) -> None:
+    from test_health import make_bundle
+
+    from model_tools.baseline import compute_baseline
+
+    agent = make_agent(fleet, tmp_path, extra="drift_window = 8\n")
+    b = make_bundle(tmp_path / "bundle", version="1")
+    x = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+    probs = np.exp(x @ np.ones((4, 3), np.float32))
+    manifest = replace(b.manifest, drift_baseline=compute_baseline(
+        {"x": x}, {"probs": probs / probs.sum(axis=1, keepdims=True)},
+        task="classification", source="eval"))
+    agent.models.stage("clf", "1", b.model_file, manifest.to_bytes())
+    agent.models.activate("clf", "1")  # the hook: serve it
+    assert agent.host.get("clf") is not None
+    assert agent._drift == {}  # nothing built yet: no prediction so far
+
+    async def predict(n: int) -> None:
+        for row in x[:n]:
+            await agent.host.predict("clf", {"x": row[None, :]})
+
+    asyncio.run(predict(8))
+    agent.tick()  # builds the monitor, counts the window of 8, closes it
+    assert list(agent._drift) == ["clf"]
+    rows = agent.outbox.pending("drift", 10)
+    assert len(rows) == 1
+    agent.host.close()
+    agent.outbox.close()
+    agent.state.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -254,3 +254,109 @@ def test_golden_tensors_decode_little_endian(bundle: Bundle) -> None:
     x = decode_tensor(bundle.manifest.golden.inputs["x"])
     assert x.dtype == np.float32 and x.shape == (8, 4) and x.flags.writeable
     assert json.loads(bundle.manifest_bytes)["golden"]["min_agreement"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-over: the model that passed is the one activation serves (no second load)
+# ---------------------------------------------------------------------------------------------
+class Tracked:
+    """A real onnxruntime model that records whether it was closed."""
+
+    def __init__(self, inner: LoadedModel) -> None:
+        self.inner = inner
+        self.inputs = inner.inputs
+        self.outputs = inner.outputs
+        self.closed = False
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.run(feeds)
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+class CountingRuntime:
+    """The real OnnxRuntime behind the ``Runtime`` seam, recording every model it loads."""
+
+    name = "onnxruntime"
+
+    def __init__(self) -> None:
+        self.inner = OnnxRuntime()
+        self.loaded: list[Tracked] = []
+
+    def version(self) -> str | None:
+        return self.inner.version()
+
+    def check_version(self, minimum: str) -> None:
+        self.inner.check_version(minimum)
+
+    def load(self, path: Path, *, threads: int, providers: Sequence[str] = ()) -> LoadedModel:
+        model = Tracked(self.inner.load(path, threads=threads, providers=providers))
+        self.loaded.append(model)
+        return model
+
+
+def _rewrite(path: Path) -> None:
+    """Same bytes, new file (a new inode): what a re-staged version looks like."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)
+
+
+HAND_OVER = [
+    # (id, hand_over, what happens between the passed check and take, take() returns the model)
+    ("taken-for-the-checked-file", True, None, True),
+    ("other-path-is-refused", True, "other-path", False),
+    ("file-replaced-since-the-check", True, "rewrite", False),
+    ("released-before-take", True, "release", False),
+    ("a-second-check-closes-the-first", True, "check-again", False),
+    ("off-closes-after-the-check", False, None, False),
+]
+
+
+@pytest.mark.parametrize(("hand_over", "between", "handed"), [r[1:] for r in HAND_OVER],
+                         ids=[r[0] for r in HAND_OVER])
+def test_a_passed_model_is_handed_over_only_for_the_same_unchanged_file(
+        bundle: Bundle, tmp_path: Path, hand_over: bool, between: str | None,
+        handed: bool) -> None:
+    staged = make_bundle(tmp_path / "staged")
+    runtime = CountingRuntime()
+    checker = RuntimeHealthChecker(make_profile(), clock=step_clock(0.001), latency_runs=3,
+                                   runtimes=lambda name: runtime, hand_over=hand_over)
+    checker.check(staged.manifest, staged.model_file)
+    first = runtime.loaded[0]
+    asked = staged.model_file
+    if between == "other-path":
+        asked = bundle.model_file
+    elif between == "rewrite":
+        _rewrite(staged.model_file)
+    elif between == "release":
+        checker.release()
+    elif between == "check-again":
+        checker.check(staged.manifest, staged.model_file)
+        assert runtime.loaded[1].closed is False  # the second one is kept in its place
+        checker.release()
+    got = checker.take(asked)
+    if handed:
+        assert got is first and not first.closed
+        x = decode_tensor(staged.manifest.golden.inputs["x"])
+        assert got.run({"x": x})["probs"].shape == (8, 3)  # a live session, not a closed one
+        assert checker.take(asked) is None  # handed over once
+    else:
+        assert got is None
+        assert first.closed  # nothing loaded is left open
+    checker.release()
+    assert all(m.closed for m in runtime.loaded if m is not got)
+
+
+def test_a_failed_check_keeps_nothing(bundle: Bundle, tmp_path: Path) -> None:
+    bad = make_bundle(tmp_path / "bad", weights=WEIGHTS + WEIGHTS_PERTURBED_BY,
+                      golden_weights=WEIGHTS)
+    runtime = CountingRuntime()
+    checker = RuntimeHealthChecker(make_profile(), clock=step_clock(0.001), latency_runs=3,
+                                   runtimes=lambda name: runtime, hand_over=True)
+    with pytest.raises(HealthCheckFailed, match="differs from the golden output"):
+        checker.check(bad.manifest, bad.model_file)
+    assert runtime.loaded[0].closed
+    assert checker.take(bad.model_file) is None

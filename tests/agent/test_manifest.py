@@ -355,6 +355,44 @@ def test_from_bytes_refuses_what_is_not_strict_json(raw: bytes, detail: str) -> 
     assert detail in str(info.value)
 
 
+# what strict JSON parsing lets through and a manifest still refuses, naming the field as
+# from_dict does (from_bytes checks a fresh parse in place instead of copying it)
+FROM_BYTES_FIELDS = [
+    ("float-overflow-in-lineage", _raw("lineage.x", b"1e999"), "lineage.x"),
+    ("negative-overflow-in-unknown-field", _raw("future", b"[1, -1e999]"), "future[1]"),
+    ("float-overflow-as-tolerance", _raw("golden.atol", b"1e400"), "golden.atol"),
+    ("long-mantissa-overflow", _raw("drift_baseline.edges", b"[0.5, 1" + b"0" * 400 + b".0]"),
+     "drift_baseline.edges[1]"),
+    ("nested-too-deep", _raw("lineage", json.dumps(_nested(150)).encode()),
+     "lineage" + ".a" * 99),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), [r[1:] for r in FROM_BYTES_FIELDS],
+                         ids=[r[0] for r in FROM_BYTES_FIELDS])
+def test_from_bytes_refuses_what_strict_json_lets_through(raw: bytes, field: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_bytes(raw)
+    assert info.value.path == field
+    assert "expected" in str(info.value)
+
+
+def test_from_bytes_builds_what_from_dict_builds_and_shares_nothing() -> None:
+    raw = json.dumps(_rich()).encode()
+    m = Manifest.from_bytes(raw)
+    assert m == Manifest.from_dict(_rich())
+    assert m.to_bytes() == Manifest.from_dict(_rich()).to_bytes()
+    before = m.to_bytes()
+    m.to_dict()["lineage"]["tools"]["onnx"] = "0"
+    m.to_dict()["candidates"][0]["chosen"] = False
+    assert m.to_bytes() == before
+    # what it holds is plain JSON: a replace() copies and checks it like any other value
+    assert type(m.lineage) is dict and all(type(c) is dict for c in m.candidates)
+    lineage = m.lineage
+    changed = replace(m, profile="rpi5")
+    assert changed.lineage == lineage and changed.lineage is not lineage
+
+
 def test_from_bytes_accepts_what_it_refuses_only_past_the_limit() -> None:
     m = Manifest.from_dict(valid())
     raw = m.to_bytes()

@@ -85,12 +85,20 @@ def child_main(cfg: dict[str, Any]) -> None:
                 fh.flush()
                 os.fsync(fh.fileno())
 
+    # as the daemon wires it: the model that passed is handed to the activation
+    checker = RuntimeHealthChecker(profile, latency_runs=5, hand_over=True)
+
     def serve(name: str, version: str | None, path: Path | None) -> None:
         _pause(f"serve:{version}", pause)
-        if path is not None:  # what the serving layer does: load, then swap atomically
-            OnnxRuntime().load(path / "model.onnx", threads=1).close()
+        how = "-"
+        if path is not None:  # what the serving layer does: take or load, then swap
+            model = checker.take(path / "model.onnx")
+            how = "loaded" if model is None else "handed"
+            if model is None:
+                model = OnnxRuntime().load(path / "model.onnx", threads=1)
+            model.close()
         with open(cfg["serving"], "a", encoding="utf-8") as fh:
-            fh.write(f"{version}\n")
+            fh.write(f"{version} {how}\n")
 
     def on_enter(rec: UpdateRecord) -> None:
         _pause(f"enter:{rec.state.value}", pause)
@@ -98,7 +106,7 @@ def child_main(cfg: dict[str, Any]) -> None:
     runner = UpdateRunner(
         store=StateStore.in_dir(data), installer=ModelStore(data, on_activate=serve),
         fetcher=Fetcher(), verifier=ArtifactVerifier(profile),
-        checker=RuntimeHealthChecker(profile, latency_runs=5), reporter=Reporter(),
+        checker=checker, reporter=Reporter(),
         loop_limit=5, on_enter=on_enter)
     if cfg.get("start"):
         desired = DesiredModel.from_dict(json.loads((repo / cfg["start"] / "desired.json")
@@ -236,6 +244,14 @@ def test_sigkill_then_resume(installed: Path, repo: Path, tmp_path: Path, name: 
     assert len(sent) == 1, sent
     assert sent[0]["state"] == final
     assert sent[0]["running"][0]["version"] == running
+    # serving got the checked session (checked again by the resumed child when the first died
+    # before its activation); a version whose check failed never served at all
+    serving = (base / "serving").read_text().splitlines()
+    assert serving[0] == "1 handed", serving  # the install of version 1 (the fixture)
+    if final == "Committed":
+        assert serving[-1] == "2 handed", serving
+    else:
+        assert serving == ["1 handed"], serving
     if final == "RolledBack":
         assert "HealthCheckFailed" in sent[0]["last_error"]
         assert "differs from the golden output" in sent[0]["last_error"]

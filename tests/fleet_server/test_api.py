@@ -679,3 +679,23 @@ def test_tuf_ngclient_downloads_every_artifact_through_the_api(
             else:  # the server re-serialises the manifest; its content is the same
                 assert json.loads(got) == json.loads(expected)
     assert any("/tuf/targets/" in u for u in fetcher.urls)
+
+
+def test_tuf_targets_never_follow_a_symlink(h: Harness,
+                                            bundles: dict[tuple[str, str, str], Bundle]) -> None:
+    """A link under the targets directory could lead anywhere: it is never served, even one
+    that points back inside; a directory is not a target either."""
+    h.provision("pi-1", "rpi4")
+    assert h.push(bundles[("tiny", "1.0.0", "rpi4")].tar()).status_code == 201
+    targets = h.settings.data_dir / "tuf" / "public" / "targets"
+    served = next(targets.rglob("*.manifest.json"))
+    assert h.call("GET", f"/tuf/targets/{served.relative_to(targets).as_posix()}"
+                  ).status_code == 200
+    secret = h.settings.data_dir / "outside.txt"
+    secret.write_text("not for devices")
+    (targets / "models" / "leak.onnx").symlink_to(secret)
+    (targets / "models" / "again.json").symlink_to(served)
+    (targets / "linked").symlink_to(served.parent, target_is_directory=True)
+    for url in ("models/leak.onnx", "models/again.json", f"linked/{served.name}", "models"):
+        detail = _error(h.call("GET", f"/tuf/targets/{url}"), 404, "NotFound")
+        assert "not found" in detail

@@ -16,8 +16,10 @@ re-validated by one ``stat``; disk reads in the thread pool; large targets strea
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
+import stat
 from pathlib import Path
 from typing import Annotated
 
@@ -51,7 +53,15 @@ def _metadata_file(directory: Path, filename: str) -> Path:
 
 
 def _target_file(directory: Path, name: str) -> Path:
-    """The file for target URL path ``name``, which must stay inside ``directory``."""
+    """The file for target URL path ``name``, which must stay inside ``directory``.
+
+    Every component is a plain name (no ``..``, no hidden or staging file) and is checked with
+    ``lstat`` on the way down: a symbolic link anywhere under ``directory`` is refused, so the
+    path cannot leave it. The repository writes targets as regular files and never links them,
+    so this is stricter than resolving the path and checking where it lands, and ~10x cheaper
+    (one ``lstat`` per component under ``directory``, not ``realpath``'s one per component of
+    the whole path, twice), on the route every device calls twice per update.
+    """
     missing = NotFound(f"TUF target {name!r} not found")
     if not name or "\\" in name or "\x00" in name or len(name) > _MAX_PATH:
         raise missing
@@ -59,14 +69,18 @@ def _target_file(directory: Path, name: str) -> Path:
     parts = norm.split("/")
     if norm.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
         raise missing
+    path = os.fspath(directory)
     try:
-        root = directory.resolve()
-        path = (root / norm).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise missing
-    except OSError as exc:  # e.g. a name too long for the filesystem
+        for part in parts:
+            path = os.path.join(path, part)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):  # could lead anywhere: never followed
+                raise missing
+    except OSError as exc:  # missing, or e.g. a name too long for the filesystem
         raise missing from exc
-    return path
+    if not stat.S_ISREG(mode):
+        raise missing
+    return Path(path)
 
 
 async def _fleet(request: Request) -> Fleet:

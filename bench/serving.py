@@ -5,15 +5,18 @@ Usage::
     .venv/bin/python bench/serving.py                  # plain-text table
     .venv/bin/python bench/serving.py --markdown       # Markdown table
     .venv/bin/python bench/serving.py --runs 5000 --duration 10 --out /tmp/bench-serving
-    .venv/bin/python bench/serving.py --peer-pythonpath /tmp/uvicorn-standard   # see (b)
+    .venv/bin/python bench/serving.py --keep-awake      # also latency with the cores kept awake
 
 Model: the digits MLP from :func:`model_tools.examples.train_digits_mlp` (input ``input``
 float32 ``[N, 64]``), one eval sample per request. The agent runs in its own process (as the
 daemon would), started by this script in ``--serve-agent`` mode: ``ModelHost`` (default 2
 inference threads, default placement rule: a model measured under 200 us runs inline on the
 event loop) + ``InferenceServer`` on 127.0.0.1, with the daemon's per-request accounting
-attached (``agent.metrics.RequestMetrics``, which ``GET /metrics`` also reads), so what is
-measured is what a request costs in the daemon.
+attached (``agent.metrics.RequestMetrics``, which ``GET /metrics`` also reads), on the event
+loop the daemon picks (:mod:`agent.serving.eventloop`: uvloop when installed), so what is
+measured is what a request costs in the daemon. Unless ``--no-fallback-agent``, a second agent
+process runs on asyncio's own loop, what a device without uvloop runs (32-bit Raspberry Pi
+OS has no wheel), measured as info rows in (a) and (b).
 
 (a) Latency, one keep-alive client in this process, interleaved in ``--rounds`` blocks so
     machine noise hits every method alike: raw ``InferenceSession.run`` in this process (same
@@ -22,18 +25,24 @@ measured is what a request costs in the daemon.
     Two clients: ``lean`` (a raw keep-alive socket; what the server adds, the client costing
     as little as possible; the target is judged on this one) and ``AgentClient``
     (``agent.serving.client``: http.client, what ``edgefleet-agent predict`` uses). Goal:
-    p50 overhead <= 0.3 ms. For comparison (info), the same lean client against a second
-    agent process with inline running turned off (``inline_max_s=0``: every request crosses
-    to the pool and back), unless ``--no-pool-peer``.
+    p50 overhead <= 0.3 ms. For comparison (info), the same lean client against an agent
+    process with inline running turned off (``inline_max_s=0``: every request crosses to the
+    pool and back), unless ``--no-pool-peer``, and against the asyncio-loop agent.
+    ``--keep-awake`` (info) then runs the raw and lean rows again while one busy-spinning
+    process per core runs at SCHED_IDLE (nice 19 where SCHED_IDLE is refused). They get a core
+    only when nothing else wants it, so they take no CPU from the measured processes, but they
+    keep every core out of its idle state: on a VM, where waking an idle vCPU costs tens of
+    microseconds per hop, this separates the host's wake-up latency from the software's cost.
+    The verdict stays on the plain run.
 (b) Throughput: ``wrk -t2 -c8 -d<duration>s`` posting the same JSON body to the agent and to
     the hand-written peer (``bench/peers/fastapi_peer.py``: FastAPI + uvicorn, 1 worker, no
     access log), alternating agent/peer for ``--wrk-rounds`` rounds after a warm-up each.
-    Goal: agent >= 1.5x the peer's requests/s, judged against the fastest peer run. uvicorn
-    picks httptools/uvloop when they are importable (``uvicorn[standard]``, which
-    ``fastapi[standard]`` installs), else h11 + asyncio; the table names the stack.
-    ``--peer-pythonpath DIR`` runs a second peer with DIR on its PYTHONPATH (e.g. after
-    ``pip install --target DIR httptools uvloop``), so both stacks are measured without
-    changing the project's environment. Skipped, and said so, without ``wrk``.
+    Goal: agent >= 1.5x the peer's requests/s, judged against the fastest peer run. The peer
+    runs on both stacks users get, picked with uvicorn's explicit options: ``--http h11
+    --loop asyncio`` (``pip install uvicorn``) and ``--http httptools --loop uvloop``
+    (``uvicorn[standard]``, which ``fastapi[standard]`` installs); the table names the stack.
+    A stack whose modules are not importable is skipped and said so. Skipped, and said so,
+    without ``wrk``.
 (c) Memory: VmRSS of the agent process (model loaded, after warm-up requests) against a bare
     ``python -c`` process that imports onnxruntime and holds an ``InferenceSession`` of the
     same model with the same thread options (after as many warm-up runs). Goal: <= +25 MB.
@@ -79,7 +88,7 @@ def log(msg: str) -> None:
 
 
 def serve_agent(model: Path, port_file: Path, threads: int, workers: int,
-                inline_max_s: float) -> int:
+                inline_max_s: float, loop_kind: str) -> int:
     """Run the agent's server on 127.0.0.1:0 with ``model`` loaded until SIGTERM."""
     import asyncio
     from collections.abc import Mapping
@@ -87,6 +96,7 @@ def serve_agent(model: Path, port_file: Path, threads: int, workers: int,
     import numpy as np
 
     from agent.metrics import RequestMetrics
+    from agent.serving.eventloop import loop_factory
     from agent.serving.host import ModelHost
     from agent.serving.prom import AgentMetrics, AgentState
     from agent.serving.runtime import OnnxRuntime
@@ -116,7 +126,8 @@ def serve_agent(model: Path, port_file: Path, threads: int, workers: int,
         await server.stop()
         host.close()
 
-    asyncio.run(run())
+    with asyncio.Runner(loop_factory=loop_factory(loop_kind)[1]) as runner:
+        runner.run(run())
     return 0
 
 
@@ -129,6 +140,22 @@ for _ in range({warmup}): s.run(None, {{"input": x}})
 print("ready", flush=True)
 sys.stdin.read()
 """
+
+SPINNER = """
+import os
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except OSError:
+    os.nice(19)
+while True:
+    pass
+"""
+
+
+def keep_awake() -> list[subprocess.Popen[bytes]]:
+    """One SCHED_IDLE busy-spinner per usable core (see (a) in the module docstring)."""
+    return [subprocess.Popen([sys.executable, "-c", SPINNER])
+            for _ in range(len(os.sched_getaffinity(0)))]
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -218,9 +245,14 @@ class LeanClient:
         self.sock.close()
 
 
-def measure_latency(port: int, pool_port: int | None, model: Path, sample: Any, threads: int,
-                    runs: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """Interleaved p50/p95 in ms per method (see (a) in the module docstring)."""
+def measure_latency(port: int, others: dict[str, int], model: Path, sample: Any, threads: int,
+                    runs: int, rounds: int, *, lean_only: bool = False
+                    ) -> dict[str, tuple[float, float]]:
+    """Interleaved p50/p95 in ms per method (see (a) in the module docstring).
+
+    ``others`` maps a label to the port of another agent process, measured with the lean
+    client as "<method>, <label>"; ``lean_only`` leaves out ``AgentClient``.
+    """
     import numpy as np
     import onnxruntime as ort
 
@@ -255,15 +287,18 @@ def measure_latency(port: int, pool_port: int | None, model: Path, sample: Any, 
         "raw session.run (in process)": lambda: session.run(None, feeds),
         "predict, binary, lean client": binary(lean),
         "predict, JSON, lean client": json_form(lean),
-        "predict, binary, AgentClient": lambda: agent.predict(MODEL_NAME, feeds, binary=True),
-        "predict, JSON, AgentClient": lambda: agent.predict(MODEL_NAME, feeds, binary=False),
     }
+    if not lean_only:
+        methods["predict, binary, AgentClient"] = lambda: agent.predict(MODEL_NAME, feeds,
+                                                                        binary=True)
+        methods["predict, JSON, AgentClient"] = lambda: agent.predict(MODEL_NAME, feeds,
+                                                                      binary=False)
     clients = [lean]
-    if pool_port is not None:
-        pooled = LeanClient(pool_port)
-        clients.append(pooled)
-        methods["predict, binary, lean client, pool only"] = binary(pooled)
-        methods["predict, JSON, lean client, pool only"] = json_form(pooled)
+    for label, other_port in others.items():
+        other = LeanClient(other_port)
+        clients.append(other)
+        methods[f"predict, binary, lean client, {label}"] = binary(other)
+        methods[f"predict, JSON, lean client, {label}"] = json_form(other)
     for name, fn in methods.items():
         if "lean" in name and not np.array_equal(fn()["probabilities"], expected[1]):
             raise RuntimeError(f"{name}: the agent's answer differs from onnxruntime's")
@@ -319,17 +354,35 @@ def wrk_script(out: Path, name: str, body: bytes, ctype: str, accept: str = "") 
     return script
 
 
-def peer_stack(env: dict[str, str]) -> str:
-    probe = ("import importlib.util as u, uvicorn; print(uvicorn.__version__, "
-             "'httptools' if u.find_spec('httptools') else 'h11', "
-             "'uvloop' if u.find_spec('uvloop') else 'asyncio')")
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          env=env, check=True)
-    ver, http, loop = proc.stdout.split()
-    return f"uvicorn {ver}, {http} + {loop}"
+#: the FastAPI peer's stacks: (uvicorn --http, --loop), as ``pip install uvicorn`` and as
+#: ``uvicorn[standard]`` (``fastapi[standard]``) run it
+PEER_STACKS = (("h11", "asyncio"), ("httptools", "uvloop"))
+
+
+def stack_available(http: str, loop: str) -> bool:
+    """Whether uvicorn can run with these options here (their modules import)."""
+    import importlib.util
+
+    modules = [m for m in (http, loop) if m != "asyncio"]
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 # --- reporting ----------------------------------------------------------------------------------
+
+
+def latency_rows(rows: list[list[str]], lat: dict[str, tuple[float, float]], label: str, *,
+                 judged: bool) -> None:
+    """Table rows for one latency run; the plain run's lean rows carry the verdict."""
+    lat = dict(lat)
+    raw50, raw95 = lat.pop("raw session.run (in process)")
+    rows.append([f"(a) latency ({label}): raw session.run, in process",
+                 f"p50 {raw50:.3f} ms, p95 {raw95:.3f} ms", "baseline", "", ""])
+    for name, (p50, p95) in lat.items():
+        goal = judged and name.endswith("lean client")
+        rows.append([f"(a) latency ({label}): {name}", f"p50 {p50:.3f} ms, p95 {p95:.3f} ms",
+                     f"overhead p50 +{p50 - raw50:.3f} ms, p95 +{p95 - raw95:.3f} ms",
+                     f"<= +{GOAL_OVERHEAD_MS} ms" if goal else "(info)",
+                     verdict(p50 - raw50 <= GOAL_OVERHEAD_MS) if goal else ""])
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
@@ -362,7 +415,7 @@ def machine_info() -> dict[str, str]:
             "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
             "python": platform.python_version(),
             "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    for dist in ("onnxruntime", "numpy", "fastapi", "uvicorn"):
+    for dist in ("onnxruntime", "numpy", "fastapi", "uvicorn", "uvloop", "httptools"):
         try:
             info[dist] = version(dist)
         except PackageNotFoundError:
@@ -385,11 +438,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--connections", type=int, default=8, help="wrk connections")
     p.add_argument("--wrk-rounds", type=int, default=2, help="agent/peer wrk alternations")
-    p.add_argument("--peer-pythonpath", default="",
-                   help="also run a peer with this PYTHONPATH (e.g. httptools + uvloop)")
     p.add_argument("--skip-wrk", action="store_true", help="skip (b)")
     p.add_argument("--no-pool-peer", action="store_true",
                    help="skip the pool-only agent in (a)")
+    p.add_argument("--no-fallback-agent", action="store_true",
+                   help="skip the agent on asyncio's loop (info rows in (a) and (b))")
+    p.add_argument("--keep-awake", action="store_true",
+                   help="also measure (a) with a SCHED_IDLE spinner per core (info)")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="the main agent's event loop (auto: the daemon's choice)")
     p.add_argument("--inline-max-us", type=float, default=None,
                    help="the agent's inline limit in us (default: ModelHost's); 0: pool only")
     p.add_argument("--serve-agent", type=Path, help=argparse.SUPPRESS)
@@ -401,15 +458,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from importlib.metadata import version
+
     args = parse_args(argv)
     if args.serve_agent is not None:
         from agent.serving.host import INLINE_MAX_S
 
         limit = INLINE_MAX_S if args.inline_max_us is None else args.inline_max_us / 1e6
-        return serve_agent(args.serve_agent, args.port_file, args.threads, args.workers, limit)
+        return serve_agent(args.serve_agent, args.port_file, args.threads, args.workers, limit,
+                           args.loop)
     import numpy as np
 
     from agent.serving import wire
+    from agent.serving.eventloop import loop_factory
     from model_tools.examples import train_digits_mlp
 
     md: bool = args.markdown
@@ -439,28 +500,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_http(proc_port, path, json_body)
             return proc, proc_port
 
-        agent, port = start_agent("agent", [] if args.inline_max_us is None
-                                  else ["--inline-max-us", str(args.inline_max_us)])
-        pool_port = None
+        inline = [] if args.inline_max_us is None else ["--inline-max-us",
+                                                        str(args.inline_max_us)]
+        agent, port = start_agent("agent", [*inline, "--loop", args.loop])
+        loop_name = loop_factory(args.loop)[0]
+        others: dict[str, int] = {}
+        pool_agent = fallback_agent = None
         if not args.no_pool_peer:
-            pool_agent, pool_port = start_agent("pool-only agent", ["--inline-max-us", "0"])
+            pool_agent, others["pool only"] = start_agent(
+                "pool-only agent", ["--inline-max-us", "0", "--loop", args.loop])
+        if not args.no_fallback_agent and loop_name != "asyncio":
+            fallback_agent, others["asyncio loop"] = start_agent(
+                "agent on asyncio's loop", [*inline, "--loop", "asyncio"])
 
         # (a) latency
         log(f"(a) latency: {args.runs} calls per method in {args.rounds} interleaved rounds")
-        lat = measure_latency(port, pool_port, model, sample, args.threads, args.runs,
+        lat = measure_latency(port, others, model, sample, args.threads, args.runs,
                               args.rounds)
-        if not args.no_pool_peer:  # its RSS would count against the machine, not the agent
+        if pool_agent is not None:  # its RSS would count against the machine, not the agent
             pool_agent.terminate()
             pool_agent.wait(10)
-        raw50, raw95 = lat.pop("raw session.run (in process)")
-        rows.append(["(a) latency: raw session.run, in process",
-                     f"p50 {raw50:.3f} ms, p95 {raw95:.3f} ms", "baseline", "", ""])
-        for name, (p50, p95) in lat.items():
-            judged = "lean" in name and "pool only" not in name
-            rows.append([f"(a) latency: {name}", f"p50 {p50:.3f} ms, p95 {p95:.3f} ms",
-                         f"overhead p50 +{p50 - raw50:.3f} ms, p95 +{p95 - raw95:.3f} ms",
-                         f"<= +{GOAL_OVERHEAD_MS} ms" if judged else "(info)",
-                         verdict(p50 - raw50 <= GOAL_OVERHEAD_MS) if judged else ""])
+        latency_rows(rows, lat, f"agent on {loop_name}", judged=True)
+        if args.keep_awake:
+            log("(a) latency again, a SCHED_IDLE spinner per core keeping the cores awake")
+            spinners = keep_awake()
+            procs.extend(spinners)
+            try:
+                awake = measure_latency(port, {}, model, sample, args.threads, args.runs,
+                                        args.rounds, lean_only=True)
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+                    spinner.wait(10)
+            latency_rows(rows, awake, "cores kept awake", judged=False)
 
         # (c) memory, before wrk so the agent's RSS is not inflated by 8 connections' buffers
         log("(c) memory: bare python + onnxruntime holding the same model")
@@ -486,28 +558,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("(b) throughput: wrk is not installed (apt-get install -y wrk); skipped")
             rows.append(["(b) throughput", "skipped: wrk not installed", "", "", ""])
         else:
-            base_env = dict(os.environ, EDGEFLEET_PEER_MODEL=str(model),
-                            EDGEFLEET_PEER_THREADS=str(args.threads))
-            envs = [base_env]
-            if args.peer_pythonpath:
-                envs.append(dict(base_env, PYTHONPATH=os.pathsep.join(
-                    [args.peer_pythonpath, *filter(None, [base_env.get("PYTHONPATH")])])))
+            env = dict(os.environ, EDGEFLEET_PEER_MODEL=str(model),
+                       EDGEFLEET_PEER_THREADS=str(args.threads))
             json_script = wrk_script(scratch, "json", json_body, wire.JSON_CONTENT_TYPE)
             bin_script = wrk_script(scratch, "binary", wire.encode_tensors({"input": sample}),
                                     wire.TENSORS_CONTENT_TYPE, wire.TENSORS_CONTENT_TYPE)
-            targets: dict[str, tuple[int, Path]] = {"agent JSON": (port, json_script),
-                                                    "agent binary": (port, bin_script)}
+            targets: dict[str, tuple[int, Path]] = {
+                f"agent JSON ({loop_name})": (port, json_script),
+                f"agent binary ({loop_name})": (port, bin_script)}
+            if "asyncio loop" in others:
+                targets["agent JSON (asyncio)"] = (others["asyncio loop"], json_script)
             peer_rss: dict[str, float] = {}
-            for env in envs:
-                stack = peer_stack(env)
-                if any(stack in name for name in targets):
-                    continue  # --peer-pythonpath added nothing uvicorn would pick up
+            for http, loop in PEER_STACKS:
+                stack = f"uvicorn {version('uvicorn')}, {http} + {loop}"
+                if not stack_available(http, loop):
+                    log(f"(b) throughput: peer on {http} + {loop} skipped: not installed")
+                    rows.append([f"(b) throughput: peer JSON ({stack})",
+                                 f"skipped: {http} or {loop} not installed", "", "", ""])
+                    continue
                 peer_port = free_port()
                 log(f"(b) throughput: starting the FastAPI peer ({stack})")
                 peer = subprocess.Popen(
                     [sys.executable, "-m", "uvicorn", "fastapi_peer:app", "--app-dir",
                      str(PEER_DIR), "--host", "127.0.0.1", "--port", str(peer_port),
-                     "--workers", "1", "--no-access-log", "--log-level", "warning"], env=env)
+                     "--workers", "1", "--no-access-log", "--log-level", "warning",
+                     "--http", http, "--loop", loop], env=env)
                 procs.append(peer)
                 wait_http(peer_port, path, json_body)
                 name = f"peer JSON ({stack})"
@@ -531,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rps = mean_rps(name)
                 bad = sum(x[1] for x in results[name])
                 detail = "; ".join(x[2] for x in results[name])
-                judged = name == "agent JSON"
+                judged = name == f"agent JSON ({loop_name})"
                 rows.append([f"(b) throughput, wrk -t2 -c{args.connections}: {name}",
                              f"{rps:,.0f} req/s (non-2xx {bad}; {detail})",
                              f"{rps / peer_rps:.2f}x the fastest peer",
@@ -540,6 +615,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, mb in peer_rss.items():
                 rows.append([f"(c) RSS of the {name.replace(' JSON', '')} after start (info)",
                              f"{mb:.1f} MB", f"{mb - bare_rss:+.1f} MB vs bare", "", ""])
+            if fallback_agent is not None:
+                rows.append(["(c) RSS of the asyncio-loop agent after wrk (info)",
+                             f"{rss_mb(fallback_agent.pid):.1f} MB",
+                             f"{rss_mb(fallback_agent.pid) - bare_rss:+.1f} MB vs bare", "", ""])
             agent_after = rss_mb(agent.pid)
             rows.append(["(c) RSS of the agent after wrk (info)", f"{agent_after:.1f} MB",
                          f"{agent_after - bare_rss:+.1f} MB vs bare", "", ""])

@@ -70,7 +70,7 @@ import numpy as np
 
 from agent.errors import RuntimeLoadError
 from agent.protocol.manifest import DTYPES, TensorSpec
-from agent.serving.runtime import LoadedModel, check_feeds, require_version, version_release
+from agent.serving.runtime import FeedCheck, LoadedModel, require_version, version_release
 
 __all__ = [
     "FALLBACK_ENGINE",
@@ -275,6 +275,7 @@ class _TFLiteModel:
         """Run by ``runner`` (a signature runner), else by the tensors ``raw_*`` detail."""
         self.inputs = inputs
         self.outputs = outputs
+        self._check = FeedCheck(inputs)
         self._interpreter: Any = interpreter
         self._runner: Any = runner
         self._package = package
@@ -297,7 +298,7 @@ class _TFLiteModel:
             InputRejected: the feeds do not fit the model (name, dtype, rank, fixed dim).
             RuntimeLoadError: the engine failed, or the model was closed.
         """
-        check_feeds(self.inputs, feeds)
+        self._check(feeds)
         arrays = {name: arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
                   for name, arr in feeds.items()}
         with self._lock:

@@ -1,10 +1,10 @@
 """The local inference API against a real server on 127.0.0.1 and a real small ONNX model.
 
 One real-service test module for the HTTP adapter (STYLE 17): a MatMul -> Softmax/ArgMax model
-built with onnx.helper, loaded by the real onnxruntime adapter, served on an ephemeral port,
-called over real sockets (the package's client, http.client and raw sockets for what clients
-normally refuse to send). Fakes stand in for the engine only where a real one cannot fail on
-demand (the 500 case).
+built with onnx.helper, loaded by the real onnxruntime adapter, served on an ephemeral port on
+both event loops (asyncio's and uvloop), called over real sockets (the package's client,
+http.client and raw sockets for what clients normally refuse to send). Fakes stand in for the
+engine only where a real one cannot fail on demand (the 500 case).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from agent.errors import InputRejected, RuntimeLoadError
 from agent.protocol.manifest import TensorSpec
 from agent.serving import wire
 from agent.serving.client import AgentClient
+from agent.serving.eventloop import loop_factory
 from agent.serving.host import WINDOW, ModelHost, UnknownModel
 from agent.serving.runtime import LoadedModel, OnnxRuntime
 from agent.serving.server import InferenceServer
@@ -63,10 +64,14 @@ def direct(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class ServerThread:
-    """An event loop in a thread running :class:`InferenceServer`; sync tests call it."""
+    """An event loop in a thread running :class:`InferenceServer`; sync tests call it.
 
-    def __init__(self, host: ModelHost, **kwargs: Any) -> None:
-        self.loop = asyncio.new_event_loop()
+    ``loop_kind`` is :func:`agent.serving.eventloop.loop_factory`'s: asyncio's own loop by
+    default, ``uvloop`` for the loop the daemon runs on when it is installed.
+    """
+
+    def __init__(self, host: ModelHost, loop_kind: str = "asyncio", **kwargs: Any) -> None:
+        self.loop = loop_factory(loop_kind)[1]()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server = InferenceServer(host, bind_host=kwargs.pop("bind_host", "127.0.0.1"),
                                       port=0, **kwargs)
@@ -105,15 +110,17 @@ def model_v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("serving") / "v1.onnx", W1)
 
 
-@pytest.fixture(scope="module")
-def served(model_v1: Path) -> Iterator[tuple[ServerThread, list[tuple[Any, ...]]]]:
-    """A host serving ``tiny`` v1 and ``broken``, an observer log, and the running server."""
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def served(model_v1: Path, request: pytest.FixtureRequest
+           ) -> Iterator[tuple[ServerThread, list[tuple[Any, ...]]]]:
+    """A host serving ``tiny`` v1 and ``broken``, an observer log, and the running server:
+    every test that takes it runs on both event loops the daemon may run on."""
     seen: list[tuple[Any, ...]] = []
     host = ModelHost(on_request=lambda *a: seen.append(a))
     host.swap("tiny", "1", OnnxRuntime().load(model_v1, threads=1))
     loaded: LoadedModel = RaisingModel()
     host.swap("broken", "7", loaded)
-    with ServerThread(host, max_body_bytes=MAX_BODY) as st:
+    with ServerThread(host, request.param, max_body_bytes=MAX_BODY) as st:
         yield st, seen
     host.close()
 
@@ -210,6 +217,40 @@ def test_keep_alive_and_pipelining(port: int) -> None:
     assert data.count(b"HTTP/1.1 200 OK") == 3
     first, second = data.index(b'"outputs"'), data.index(b'"status"')
     assert first < second < data.rindex(b'"outputs"')
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_big_bodies_from_concurrent_clients_each_get_their_own_answer(model_v1: Path,
+                                                                      loop_kind: str) -> None:
+    """Bodies many times the server's receive buffer (shared by every connection), from 4
+    clients at once: each arrives in many reads interleaved with the others' reads, and each
+    answer is onnxruntime's answer for that client's own input."""
+    host = ModelHost()
+    host.swap("tiny", "1", OnnxRuntime().load(model_v1, threads=1))
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal((20_000, 4)).astype(np.float32) for _ in range(4)]  # 320 KB
+    results: dict[int, list[np.ndarray]] = {}
+
+    def client(i: int, port: int) -> None:
+        with AgentClient("127.0.0.1", port) as c:
+            results[i] = [c.predict("tiny", {"x": inputs[i]}, binary=binary).outputs["label"]
+                          for binary in (True, False, True)]
+
+    try:
+        with ServerThread(host, loop_kind) as st:
+            threads = [threading.Thread(target=client, args=(i, st.server.port))
+                       for i in range(len(inputs))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+    finally:
+        host.close()
+    assert sorted(results) == [0, 1, 2, 3]
+    for i, answers in results.items():
+        want = direct(model_v1, inputs[i])["label"]
+        for got in answers:
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("inline_max_s", [0.0, 60.0], ids=["pool", "inline"])

@@ -6,7 +6,8 @@ loop or in the pool), driven by an injected clock that the fake model advances, 
 service time" is exact; and a real-server test where 8 keep-alive clients (half binary, half
 JSON) hammer predict while the main thread swaps v1 -> v2 -> v1 ... (real onnxruntime models
 wrapped in a recording fake that sees every run and close; each swap is made while a request
-is held inside the old model, so every swap has one in flight), once per placement.
+is held inside the old model, so every swap has one in flight), once per placement on
+asyncio's loop and once more on uvloop (the daemon's loop when installed).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.errors import AgentError, InputRejected
 from agent.protocol.manifest import TensorSpec
 from agent.serving.client import AgentClient
+from agent.serving.eventloop import loop_factory
 from agent.serving.host import INLINE_MAX_S, WINDOW, ModelHost
 from agent.serving.runtime import LoadedModel, OnnxRuntime
 from agent.serving.server import InferenceServer
@@ -345,8 +347,9 @@ def test_host_refuses_bad_inline_limits(inline_max_s: float, max_bytes: int) -> 
 # --- 8 clients across swaps, real server ------------------------------------------------------
 
 
-@pytest.mark.parametrize("placement", ["pool", "inline", "adaptive"])
-def test_swaps_under_load_drop_no_request(tmp_path: Path, placement: str) -> None:
+@pytest.mark.parametrize(("placement", "loop_kind"), [
+    ("pool", "asyncio"), ("inline", "asyncio"), ("adaptive", "asyncio"), ("adaptive", "uvloop")])
+def test_swaps_under_load_drop_no_request(tmp_path: Path, placement: str, loop_kind: str) -> None:
     paths = {v: build_model(tmp_path / f"v{v}.onnx", w) for v, w in WEIGHTS.items()}
     runtime = OnnxRuntime()
     expected = {}
@@ -368,7 +371,7 @@ def test_swaps_under_load_drop_no_request(tmp_path: Path, placement: str) -> Non
         return model
 
     host.swap("tiny", "1", load("1"))
-    loop = asyncio.new_event_loop()
+    loop = loop_factory(loop_kind)[1]()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     server = InferenceServer(host, bind_host="127.0.0.1", port=0)

@@ -10,6 +10,8 @@ Usage::
     .venv/bin/python bench/ingest.py --batch 10       # small messages: per-message costs show
     .venv/bin/python bench/ingest.py --devices 1000 --rows 1000000 --workers 4
     .venv/bin/python bench/ingest.py --json           # JSON on stdout instead of Markdown
+    .venv/bin/python bench/ingest.py --parse-workers 0,1   # server runs without and with
+    .venv/bin/python bench/ingest.py --isolated --parse-workers 0,1 --rows 40000  # CPU/row
 
 Everything is real, on loopback:
 
@@ -56,9 +58,10 @@ Reported (Markdown on stdout, progress on stderr): per run, rows/s, messages/s a
 of this process (the subscriber, or the whole server: link, asyncio loop, ingest worker, ack
 thread), of Mosquitto, of the publisher processes and of everything else on the machine; the
 median of each kind, their ratio, PASS/MISS against the goal, the integrity checks, and where
-the server's CPU went per thread. To measure, this script wraps the runtime instance's
-``_ingest_group`` (one transaction's messages) at run time (no library change): it counts
-stored rows there, to stop the clock and release the flow-control credit.
+the server's CPU went per thread (its parse processes included). To measure, this script
+wraps the runtime instance's ``_store_group`` (one transaction's messages) at run time (no
+library change): it counts stored rows there, to stop the clock and release the flow-control
+credit.
 
 Files go to ``--dir`` (default ``bench/out/ingest``, gitignored), emptied first.
 Exit codes: 0 done and every check passed (the goal is reported, never asserted), 1 error or a
@@ -108,19 +111,6 @@ INTERVAL_S = 10  # the agent's default metrics interval
 T = TypeVar("T")
 
 
-
-
-# ---------------------------------------------------------------------------------------------
-# CPU accounting from /proc
-# ---------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 def child_pid(comm: str) -> int | None:
     """The pid of this process's child named ``comm`` (None: none)."""
     for task in os.listdir("/proc/self/task"):
@@ -139,14 +129,14 @@ def child_pid(comm: str) -> int | None:
     return None
 
 
-
-
 def thread_group(name: str) -> str:
     """What a thread of this process does, for the CPU table."""
     if name.startswith("edgefleet-ingest"):
         return "ingest worker (parse, SQL)"
     if name.startswith("edgefleet-ack"):
         return "ack thread (ack publish, PUBACK awaited)"
+    if name.startswith("edgefleet-parse-send"):
+        return "parse pool senders (work to the parse processes)"
     if name.startswith("paho-mqtt-client-edgefleet"):
         return "paho network thread (ServerLink)"
     if name.startswith("edgefleet-replan"):
@@ -366,7 +356,7 @@ class DeviceClients:
 def publisher_worker(conn: Any, devices: list[tuple[str, str, int]], host: str, port: int,
                      batch: int, credit: Any) -> None:
     """A publisher process (spawned). Commands on ``conn``, each answered ``("ok", result)``
-    or ``("error", text)``: ``("build", run)`` builds the payloads of pair ``run``,
+    or ``("error", text)``: ``("build", run)`` builds the payloads of server run ``run``,
     ``("go",)`` publishes them, ``("acks", run, timeout)`` waits until every device holds the
     ack for its last row, ``("stop",)`` disconnects and ends the process."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -506,7 +496,7 @@ class Progress:
     target: int  # rows
     rows: int = 0
     messages: int = 0
-    busy_s: float = 0.0  # server: wall time inside the ingest worker's _ingest
+    busy_s: float = 0.0  # server: wall time inside the ingest worker's _store_group
     end: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -525,6 +515,8 @@ class RunResult:
     threads: dict[str, float]  # CPU s of this process by thread group
     ingest_busy_s: float | None = None
     duplicates: int | None = None  # server: records it found already stored
+    parse_workers: int | None = None  # server: parse processes (None: the runtime's default)
+    parse_cpu_s: float = 0.0  # server: CPU s of its parse processes (counted in cpu_s)
 
     @property
     def rows_per_s(self) -> float:
@@ -565,6 +557,8 @@ class Config:
     workers: int
     in_flight: int
     directory: Path
+    #: one server run per entry in each pair (None: the runtime's default)
+    parse_workers: tuple[int | None, ...] = (None,)
 
 
 class Bench:
@@ -697,8 +691,10 @@ class Bench:
         return Snapshot(time.perf_counter(), process_cpu(), thread_cpu(), self._broker_cpu(),
                         machine_cpu())
 
-    def _measure(self, kind: str, pair: int, progress: Progress) -> RunResult:
-        """Start the publishers, wait until the consumer has every row, and measure.
+    def _measure(self, kind: str, pair: int, progress: Progress,
+                 children_cpu: Callable[[], float] = lambda: 0.0) -> RunResult:
+        """Start the publishers, wait until the consumer has every row, and measure
+        (``children_cpu``: CPU s so far of the server's parse processes, started in the run).
 
         Raises:
             RuntimeError: a publisher failed, or no row arrived for STALL_S seconds.
@@ -722,9 +718,10 @@ class Bench:
                     f"{now - last_change:.0f} s since the last")
                 last_report = now
         after = self._snapshot()
+        children = children_cpu()
         assert progress.end is not None
         publishers_cpu = sum(r["cpu_s"] for r in self.publishers.replies("go", pending))
-        cpu = after.process - before.process
+        cpu = after.process - before.process + children
         broker = (after.broker - before.broker
                   if after.broker is not None and before.broker is not None else None)
         others = max(0.0, after.machine - before.machine - cpu - (broker or 0.0)
@@ -733,14 +730,17 @@ class Bench:
         for name, value in after.threads.items():
             group = thread_group(name)
             threads[group] = threads.get(group, 0.0) + value - before.threads.get(name, 0.0)
+        if children:
+            threads["parse processes (check_message)"] = children
         return RunResult(kind, pair, progress.rows, progress.messages,
-                         progress.end - before.at, cpu, broker, publishers_cpu, others, threads)
+                         progress.end - before.at, cpu, broker, publishers_cpu, others, threads,
+                         parse_cpu_s=children)
 
     # -- the runs -----------------------------------------------------------------------------
-    def build(self, pair: int) -> None:
-        """Have the publishers build pair ``pair``'s payloads (0-based: seqs continue)."""
+    def build(self, run: int) -> None:
+        """Have the publishers build server run ``run``'s payloads (0-based: seqs continue)."""
         assert self.publishers is not None
-        self.publishers.send("build", pair)
+        self.publishers.send("build", run)
         built = self.publishers.replies("build")
         self.messages = sum(b["messages"] for b in built)
         self.payload_bytes = sum(b["bytes"] for b in built)
@@ -775,27 +775,33 @@ class Bench:
             client.disconnect()
             client.loop_stop()
 
-    def server_run(self, pair: int) -> tuple[RunResult, dict[str, int]]:
-        """The real MqttRuntime ingesting and acking; returns the run and the acks the devices
-        received.
+    def server_run(self, pair: int, run: int, parse_workers: int | None
+                   ) -> tuple[RunResult, dict[str, int]]:
+        """The real MqttRuntime ingesting and acking (server run ``run``, 0-based, of pair
+        ``pair``); returns the run and the acks the devices received.
 
         Raises:
             RuntimeError: see :meth:`_measure`.
         """
+        from fleet_server.ingest_parse import Checked, RecordBatch
         from fleet_server.runtime import MqttRuntime
 
         assert self.publishers is not None
         progress = Progress(self.config.rows)
         credit = self._credit
-        runtime = MqttRuntime(self.fleet, maintenance_interval_s=3600)
+        runtime = MqttRuntime(self.fleet, maintenance_interval_s=3600,
+                              parse_workers=parse_workers)
         self._call(runtime.start())
         client_id = runtime.link.config.client_id
-        ingest = runtime._ingest_group  # measurement only (module docstring)
+        if runtime.parse_pool is not None:  # steady state: a server starts them once
+            wait_ready(runtime.parse_pool)
+        store = runtime._store_group  # measurement only (module docstring)
 
-        def measured_ingest(messages: list[tuple[str, bytes]]) -> None:
+        def measured_store(checked: list[Checked], now: int) -> None:
             started = time.perf_counter()
-            ingest(messages)
-            telemetry = sum(1 for topic, _ in messages if topic.endswith("/telemetry"))
+            store(checked, now)
+            telemetry = sum(1 for c in checked
+                            if isinstance(c, RecordBatch) and c.stream == "telemetry")
             if not telemetry:
                 return
             progress.busy_s += time.perf_counter() - started
@@ -807,12 +813,20 @@ class Bench:
                 progress.end = time.perf_counter()
                 progress.done.set()
 
-        runtime._ingest_group = measured_ingest  # type: ignore[method-assign]
+        def parse_cpu() -> float:
+            pool = runtime.parse_pool
+            if pool is None:
+                return 0.0
+            return sum(stat_cpu(f"/proc/{pid}/stat") or 0.0 for pid in pool.pids if pid)
+
+        runtime._store_group = measured_store  # type: ignore[method-assign]
         try:
-            result = self._measure("server", pair + 1, progress)
+            result = self._measure("server", pair + 1, progress, parse_cpu)
             result.ingest_busy_s = progress.busy_s
+            result.parse_workers = (runtime.parse_pool.size if runtime.parse_pool is not None
+                                    else 0)
             runtime.wait_acks(60)
-            self.publishers.send("acks", pair, 60)
+            self.publishers.send("acks", run, 60)
             acks: dict[str, int] = {}
             for reply in self.publishers.replies("acks"):
                 acks.update(reply)
@@ -822,14 +836,14 @@ class Bench:
             self._clear_session(client_id)  # or the broker queues the next ceiling run for it
         return result, acks
 
-    def check(self, pair: int, acks_received: dict[str, int]) -> Integrity:
-        """Every device's telemetry seqs are exactly 1..n after ``pair + 1`` server runs."""
+    def check(self, run: int, acks_received: dict[str, int]) -> Integrity:
+        """Every device's telemetry seqs are exactly 1..n after ``run + 1`` server runs."""
         from sqlalchemy import distinct, func, select
 
         from fleet_server.db import atomic, tables
 
         r, a = tables.device_records.c, tables.stream_acks.c
-        want = {s.device_id: (pair + 1) * s.rows for s in self.specs}
+        want = {s.device_id: (run + 1) * s.rows for s in self.specs}
         with atomic(self.fleet.engine) as conn:
             groups = conn.execute(select(
                 r.device_id, r.stream, func.count(), func.count(distinct(r.seq)), func.min(r.seq),
@@ -868,7 +882,7 @@ class Bench:
             if acks.get((d, "telemetry")) != n or acks_received.get(d) != n:
                 examples.append(f"{d}: stream_acks.upto_seq {acks.get((d, 'telemetry'))}, "
                                 f"received ack {acks_received.get(d)}, expected {n}")
-        return Integrity(pair + 1, len(want), sum(want.values()), stored, exact, lost,
+        return Integrity(run + 1, len(want), sum(want.values()), stored, exact, lost,
                          duplicated, stray, acks_stored, acks_got, examples[:5])
 
 
@@ -880,8 +894,18 @@ def summary(config: Config, runs: Sequence[RunResult], checks: Sequence[Integrit
     ceiling = [r for r in runs if r.kind == "ceiling"]
     server = [r for r in runs if r.kind == "server"]
     c_rate = statistics.median(r.rows_per_s for r in ceiling)
-    s_rate = statistics.median(r.rows_per_s for r in server)
-    ratio = s_rate / c_rate
+    intact = all(c.passed for c in checks)
+    settings: list[dict[str, Any]] = []  # per parse-process setting, in the order run
+    for workers in dict.fromkeys(r.parse_workers for r in server):
+        mine = [r for r in server if r.parse_workers == workers]
+        rate = statistics.median(r.rows_per_s for r in mine)
+        settings.append({
+            "parse_workers": workers, "server_rows_per_s": rate, "ratio": rate / c_rate,
+            "server_cpu_s": statistics.median(r.cpu_s for r in mine),
+            "parse_cpu_s": statistics.median(r.parse_cpu_s for r in mine),
+            "server_busy_ingest": statistics.median((r.ingest_busy_s or 0.0) / r.seconds
+                                                    for r in mine),
+            "goal": "PASS" if rate / c_rate >= GOAL_RATIO and intact else "MISS"})
     threads: dict[str, float] = {}
     for r in server:
         for name, value in r.threads.items():
@@ -893,17 +917,18 @@ def summary(config: Config, runs: Sequence[RunResult], checks: Sequence[Integrit
         "bytes_per_message": bench.payload_bytes / max(1, bench.messages),
         "cpus": os.cpu_count(), "python": sys.version.split()[0],
         "load_1m": os.getloadavg()[0],
-        "ceiling_rows_per_s": c_rate, "server_rows_per_s": s_rate, "ratio": ratio,
-        "server_cpu_s": statistics.median(r.cpu_s for r in server),
+        "ceiling_rows_per_s": c_rate, "servers": settings,
+        # the first --parse-workers setting's, at the top level as before
+        "server_rows_per_s": settings[0]["server_rows_per_s"], "ratio": settings[0]["ratio"],
+        "server_cpu_s": settings[0]["server_cpu_s"],
+        "server_busy_ingest": settings[0]["server_busy_ingest"],
         "ceiling_cpu_s": statistics.median(r.cpu_s for r in ceiling),
-        "server_busy_ingest": statistics.median((r.ingest_busy_s or 0.0) / r.seconds
-                                                for r in server),
         "server_threads_cpu_s": threads,
         "lost": sum(c.lost for c in checks), "duplicated": sum(c.duplicated for c in checks),
         "stray": sum(c.stray for c in checks),
         "duplicates_seen_by_server": sum(r.duplicates or 0 for r in server),
-        "integrity": all(c.passed for c in checks),
-        "goal": "PASS" if ratio >= GOAL_RATIO and all(c.passed for c in checks) else "MISS",
+        "integrity": intact,
+        "goal": "PASS" if any(x["goal"] == "PASS" for x in settings) else "MISS",
         "runs": [asdict(r) | {"rows_per_s": r.rows_per_s} for r in runs],
         "checks": [asdict(c) | {"passed": c.passed} for c in checks],
     }
@@ -916,26 +941,31 @@ def markdown(s: dict[str, Any]) -> str:
     out = [(f"### Telemetry ingest: {s['devices']} devices, {s['rows']:,} rows per run, "
             f"batches of {s['batch']} ({s['cpus']} CPUs, Python {s['python']}, "
             f"load {s['load_1m']:.1f} at the end)\n")]
-    out.append("| devices | rows | batch | ceiling rows/s | server rows/s | ratio | server CPU s "
-               "| lost / duplicated | >= 50% of ceiling, nothing lost |")
-    out.append("|--:|--:|--:|--:|--:|--:|--:|--:|---|")
-    out.append(f"| {s['devices']} | {s['rows']:,} | {s['batch']} "
-               f"| {s['ceiling_rows_per_s']:,.0f} | {s['server_rows_per_s']:,.0f} "
-               f"| {100 * s['ratio']:.0f} % | {s['server_cpu_s']:.1f} "
-               f"| {s['lost']} / {s['duplicated']} | {s['goal']} |")
+    out.append("| devices | rows | batch | parse processes | ceiling rows/s | server rows/s "
+               "| ratio | server CPU s (of it parse processes) | lost / duplicated "
+               "| >= 50% of ceiling, nothing lost |")
+    out.append("|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    for x in s["servers"]:
+        out.append(f"| {s['devices']} | {s['rows']:,} | {s['batch']} | {x['parse_workers']} "
+                   f"| {s['ceiling_rows_per_s']:,.0f} | {x['server_rows_per_s']:,.0f} "
+                   f"| {100 * x['ratio']:.0f} % | {x['server_cpu_s']:.1f} "
+                   f"({x['parse_cpu_s']:.1f}) | {s['lost']} / {s['duplicated']} "
+                   f"| {x['goal']} |")
     out.append(f"\nMedians of {s['repeat']} pairs of runs. {s['messages']:,} messages per run, "
                f"{s['bytes_per_message'] / 1024:.1f} KiB each on average; at most "
                f"{s['in_flight']} messages in flight; {s['workers']} publisher processes. "
                "Server CPU s: this process over a server run (link, asyncio loop, ingest "
-               "worker, ack thread).\n")
+               "worker, ack thread) plus its parse processes.\n")
     out.append("**Every run** (in the order run):\n")
-    out.append("| pair | run | s | rows/s | messages/s | this process CPU s | Mosquitto CPU s "
-               "| publishers CPU s | others CPU s | ingest worker busy |")
+    out.append("| pair | run | s | rows/s | messages/s | server CPU s | Mosquitto CPU s "
+               "| publishers CPU s | others CPU s | ingest worker storing |")
     out.append("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in s["runs"]:
         busy = ("-" if r["ingest_busy_s"] is None
                 else f"{100 * r['ingest_busy_s'] / r['seconds']:.0f} %")
-        out.append(f"| {r['pair']} | {r['kind']} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} "
+        kind = (r["kind"] if r["parse_workers"] is None
+                 else f"{r['kind']} ({r['parse_workers']} parse processes)")
+        out.append(f"| {r['pair']} | {kind} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} "
                    f"| {r['messages'] / r['seconds']:,.0f} | {r['cpu_s']:.1f} "
                    f"| {f(r['broker_cpu_s'])} | {r['publishers_cpu_s']:.1f} "
                    f"| {r['others_cpu_s']:.1f} | {busy} |")
@@ -960,6 +990,131 @@ def markdown(s: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def wait_ready(pool: Any) -> None:
+    """Start a runtime's parse processes and wait until all are ready (a long-running server
+    starts them once, at its first backlog; a run measures the steady state after that).
+
+    Raises:
+        RuntimeError: not ready within 60 s.
+    """
+    deadline = time.monotonic() + 60
+    while pool.ready() < pool.size:
+        if time.monotonic() > deadline:
+            raise RuntimeError("parse processes not ready within 60 s")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# --isolated: the ingest path alone, CPU per row
+# ---------------------------------------------------------------------------------------------
+def isolated(config: Config) -> dict[str, Any]:
+    """CPU per row of the server's ingest alone: no broker, no devices, no acks sent.
+
+    The same payloads as the MQTT runs (``device_payloads``, devices interleaved) are queued
+    on a real :class:`~fleet_server.runtime.MqttRuntime` (never started) while its ingest
+    worker is held busy, then released: the worker drains them as it does under load (groups
+    of up to ``INGEST_GROUP``, the parse pool when ``parse_workers`` > 0, warmed up first).
+    Measured from /proc: the ingest thread's CPU and the parse processes' CPU, per row; and
+    the wall time of the drain. Thread CPU time barely moves with other sessions' load, so
+    this is the steady figure to compare changes by.
+
+    Raises:
+        RuntimeError: the parse processes did not start.
+    """
+    from types import SimpleNamespace
+
+    from fleet_server.auth import Principal
+    from fleet_server.db import atomic
+    from fleet_server.fleet import init_data_dir, open_fleet
+    from fleet_server.registry.devices import provision
+    from fleet_server.runtime import MqttRuntime
+    from fleet_server.settings import Settings
+
+    if config.directory.exists():
+        shutil.rmtree(config.directory)
+    config.directory.mkdir(parents=True)
+    data = config.directory / "server"
+    init_data_dir(Settings.model_validate({"data_dir": data}))
+    fleet = open_fleet(Settings.model_validate({"data_dir": data}))
+    ids = [f"ingest-{i:05d}" for i in range(config.devices)]
+    with atomic(fleet.engine) as conn:
+        for device_id in ids:
+            provision(fleet, conn, device_id=device_id, profile="rpi4", tags=["bench"],
+                      actor=Principal("bench", "ingest", "admin"))
+    bodies = metrics_bodies(48, seed=config.devices)
+    per_device = config.rows // config.devices
+    runs: list[dict[str, Any]] = []
+    run = 0
+    try:
+        for pair in range(config.repeat):
+            for workers in config.parse_workers:
+                per = [device_payloads(d, run * per_device + 1, per_device, config.batch,
+                                       bodies) for d in ids]
+                messages = [(telemetry_topic(d), p[i]) for i in range(len(per[0]))
+                            for d, p in zip(ids, per, strict=True)]
+                runtime = MqttRuntime(fleet, maintenance_interval_s=3600,
+                                      parse_workers=workers)
+                pool = runtime.parse_pool
+                try:
+                    if pool is not None:
+                        wait_ready(pool)
+                    busy = threading.Event()
+                    runtime._ingest_pool.submit(busy.wait)
+                    for topic, payload in messages:
+                        runtime._on_message(SimpleNamespace(topic=topic, payload=payload))
+
+                    def parse_cpu(pool: Any = pool) -> float:
+                        return 0.0 if pool is None else sum(
+                            stat_cpu(f"/proc/{pid}/stat") or 0.0 for pid in pool.pids if pid)
+
+                    threads0, parse0, start = thread_cpu(), parse_cpu(), time.perf_counter()
+                    busy.set()
+                    runtime._ingest_pool.submit(lambda: None).result()  # after the drain
+                    wall = time.perf_counter() - start
+                    threads1, parse1 = thread_cpu(), parse_cpu()
+                finally:
+                    runtime._ingest_pool.shutdown(wait=True)
+                    if pool is not None:
+                        pool.close()
+                    runtime._ack_pool.shutdown(wait=True)
+                    runtime._replan_pool.shutdown(wait=True)
+                rows = runtime.counters.snapshot()["stored"].get("telemetry", 0)
+                if rows != per_device * len(ids):
+                    raise RuntimeError(f"isolated run: stored {rows} rows, expected "
+                                       f"{per_device * len(ids)}")
+                ingest = sum(v - threads0.get(k, 0.0) for k, v in threads1.items()
+                             if k.startswith("edgefleet-ingest"))
+                runs.append({"pair": pair + 1, "parse_workers": workers or 0, "rows": rows,
+                             "ingest_thread_us_per_row": 1e6 * ingest / rows,
+                             "parse_processes_us_per_row": 1e6 * (parse1 - parse0) / rows,
+                             "wall_rows_per_s": rows / wall})
+                log(f"  isolated, {workers or 0} parse processes: "
+                    f"{runs[-1]['ingest_thread_us_per_row']:.1f} us/row on the ingest thread, "
+                    f"{runs[-1]['parse_processes_us_per_row']:.1f} in parse processes, "
+                    f"{runs[-1]['wall_rows_per_s']:,.0f} rows/s")
+                run += 1
+    finally:
+        fleet.engine.dispose()
+    return {"isolated": True, "devices": config.devices, "rows": config.rows,
+            "batch": config.batch, "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0],
+            "runs": runs}
+
+
+def isolated_markdown(s: dict[str, Any]) -> str:
+    out = [(f"### Ingest alone (--isolated): {s['devices']} devices, {s['rows']:,} rows per "
+            f"run, batches of {s['batch']} ({s['cpus']} CPUs, load {s['load_1m']:.1f} at the "
+            "end)\n"),
+           ("| pair | parse processes | ingest thread us CPU/row | parse processes us CPU/row "
+            "| total us CPU/row | drain rows/s (wall) |"),
+           "|--:|--:|--:|--:|--:|--:|"]
+    for r in s["runs"]:
+        out.append(f"| {r['pair']} | {r['parse_workers']} | {r['ingest_thread_us_per_row']:.1f} "
+                   f"| {r['parse_processes_us_per_row']:.1f} "
+                   f"| {r['ingest_thread_us_per_row'] + r['parse_processes_us_per_row']:.1f} "
+                   f"| {r['wall_rows_per_s']:,.0f} |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -978,18 +1133,24 @@ def run(config: Config) -> dict[str, Any]:
     log(f"setting up: Mosquitto, a server data dir, {config.devices} devices")
     try:
         bench.start()
+        run = 0
         for pair in range(config.repeat):
-            bench.build(pair)
+            bench.build(run)
             log(f"pair {pair + 1}/{config.repeat}: {bench.messages:,} messages, "
                 f"{bench.payload_bytes / 1e6:.0f} MB")
             ceiling = bench.ceiling_run(pair)
             runs.append(ceiling)
             log(f"  ceiling: {ceiling.rows_per_s:,.0f} rows/s ({ceiling.seconds:.1f} s)")
-            server, acks = bench.server_run(pair)
-            runs.append(server)
-            log(f"  server:  {server.rows_per_s:,.0f} rows/s ({server.seconds:.1f} s)")
-            checks.append(bench.check(pair, acks))
-            log(f"  check:   {'PASS' if checks[-1].passed else 'FAIL'}")
+            for n, workers in enumerate(config.parse_workers):
+                if n:
+                    bench.build(run)
+                server, acks = bench.server_run(pair, run, workers)
+                runs.append(server)
+                log(f"  server ({server.parse_workers} parse processes): "
+                    f"{server.rows_per_s:,.0f} rows/s ({server.seconds:.1f} s)")
+                checks.append(bench.check(run, acks))
+                log(f"  check:   {'PASS' if checks[-1].passed else 'FAIL'}")
+                run += 1
         return summary(config, runs, checks, bench)
     finally:
         bench.close()
@@ -1012,8 +1173,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "per client)")
     parser.add_argument("--dir", default=str(REPO / "bench" / "out" / "ingest"),
                         help="work directory (emptied first)")
+    parser.add_argument("--parse-workers", default="default",
+                        help="the server's parse processes: a comma-separated list runs one "
+                             "server run per entry in each pair, e.g. 0,1 (default: the "
+                             "runtime's default, min(2, CPUs - 1))")
+    parser.add_argument("--isolated", action="store_true",
+                        help="the ingest path alone (no broker, no devices): CPU per row of "
+                             "the ingest thread and the parse processes")
     parser.add_argument("--json", action="store_true", help="JSON on stdout instead of Markdown")
     args = parser.parse_args(argv)
+    try:
+        parse_workers = tuple(None if w.strip() == "default" else int(w)
+                              for w in args.parse_workers.split(","))
+    except ValueError:
+        parse_workers = (-1,)
+    if any(w is not None and w < 0 for w in parse_workers):
+        parser.error(f"--parse-workers: expected integers >= 0 or 'default', comma-separated, "
+                     f"got {args.parse_workers!r}")
     for name in ("devices", "rows", "batch", "repeat", "workers", "in_flight"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got "
@@ -1025,16 +1201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--in-flight: expected at most {MOSQUITTO_MAX_QUEUED} (Mosquitto drops "
                      f"what it queues for one client past that), got {args.in_flight}")
     config = Config(args.devices, args.rows, args.batch, args.repeat,
-                    min(args.workers, args.devices), args.in_flight, Path(args.dir))
+                    min(args.workers, args.devices), args.in_flight, Path(args.dir),
+                    parse_workers)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = run(config)
+        result = isolated(config) if args.isolated else run(config)
     except RuntimeError as exc:
         log(f"error: {exc}")
         return 1
-    print(json.dumps(result, indent=2) if args.json else markdown(result))
-    return 0 if result["integrity"] else 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(isolated_markdown(result) if args.isolated else markdown(result))
+    return 0 if args.isolated or result["integrity"] else 1
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ on the time projected to 1M at the measured rate).
 
 To measure, this script wraps two things it owns at run time (no library code changes): the
 outbox instance's ``sync`` (the WAL checkpoint inside ``build_payloads``) and the runtime
-instance's ``_ingest_group`` (the messages of one transaction) plus the fleet's ``publisher``
+instance's ``_store_group`` (the messages of one transaction) plus the fleet's ``publisher``
 (the ack publish, PUBACK awaited).
 
 Files go to ``--dir`` (default ``bench/out/outbox_drain``, gitignored), emptied first.
@@ -146,6 +146,8 @@ def thread_group(name: str, *, device_main: bool = True) -> str:
         return "server: paho network thread (link)"
     if name.startswith("edgefleet-ingest"):
         return "server: ingest worker (parse, SQL)"
+    if name.startswith("edgefleet-parse-send"):
+        return "server: parse pool senders (work to the parse processes)"
     if name.startswith("edgefleet-ack"):
         return "server: ack thread (ack publish)"
     if name == "bench-server-loop":
@@ -161,7 +163,7 @@ class IngestTimings:
     """Filled on the ingest worker thread (``ack_publish_s``: the ack thread)."""
 
     messages: int = 0
-    busy_s: float = 0.0  # wall time inside the runtime's _ingest_group, telemetry
+    busy_s: float = 0.0  # wall time inside the runtime's _store_group, telemetry
     ack_publish_s: float = 0.0  # publishing acks, PUBACK awaited (on the runtime's ack thread)
     first_start: float | None = None
     last_end: float | None = None
@@ -247,14 +249,15 @@ class Server:
             creds[SERVER_MQTT_USER] = server_hash
             self.mosquitto.reload(creds)
 
-        # measurement only: time the ingest of telemetry messages and the ack publish
+        # measurement only: time the storing of telemetry messages and the ack publish
         timings = self.timings
-        ingest = self.runtime._ingest_group
+        store = self.runtime._store_group
 
-        def timed_ingest(messages: list[tuple[str, bytes]]) -> None:
+        def timed_store(checked: list[Any], now: int) -> None:
             started = time.perf_counter()
-            ingest(messages)
-            telemetry = sum(1 for topic, _ in messages if topic.endswith("/telemetry"))
+            store(checked, now)
+            telemetry = sum(1 for c in checked if c.topic.endswith("/telemetry")
+                            and getattr(c, "rows", None) is not None)
             if telemetry:
                 end = time.perf_counter()
                 timings.messages += telemetry
@@ -263,8 +266,15 @@ class Server:
                     timings.first_start = started
                 timings.last_end = end
 
-        self.runtime._ingest_group = timed_ingest
+        self.runtime._store_group = timed_store
         self.fleet.publisher = _TimedPublisher(self.fleet.publisher, timings)
+
+    def parse_cpu(self) -> float:
+        """CPU s of the runtime's parse processes so far (they start with the first backlog)."""
+        pool = None if self.runtime is None else self.runtime.parse_pool
+        if pool is None:
+            return 0.0
+        return sum(stat_cpu(f"/proc/{pid}/stat") or 0.0 for pid in pool.pids if pid)
 
     def stored(self) -> dict[str, int | None]:
         """What the server holds for the device's telemetry stream."""
@@ -529,6 +539,7 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     link.stop()
         stored = server.stored()
+        parse_cpu = server.parse_cpu()
     finally:
         server.stop()
 
@@ -541,7 +552,9 @@ def run(args: argparse.Namespace) -> int:
     for name, value in device.threads.items():
         group = thread_group(name) + " [device process]"
         per_thread[group] = per_thread.get(group, 0.0) + value
-    cpu = after.process - before.process + (device.cpu or 0.0)
+    if parse_cpu:
+        per_thread["server: parse processes (check_message)"] = parse_cpu
+    cpu = after.process - before.process + (device.cpu or 0.0) + parse_cpu
     broker_cpu = (after.broker - before.broker
                   if after.broker is not None and before.broker is not None else None)
     others = max(0.0, after.machine - before.machine - cpu - (broker_cpu or 0.0))
@@ -627,7 +640,7 @@ def report(args: argparse.Namespace, append_s: float, r: DrainResult, ingest: In
     print("|---|--:|--:|--:|")
     n = max(ingest.messages, 1)
     # the runtime publishes acks on a thread of its own: the worker only queues them
-    for name, value in (("busy (handle_messages, acks queued)", ingest.busy_s),
+    for name, value in (("storing (store_checked, acks queued)", ingest.busy_s),
                         ("ack publish (PUBACK awaited, ack thread)", ingest.ack_publish_s)):
         print(f"| {name} | {value:.1f} | {1000 * value / n:.2f} | {value / r.rows * 1e6:.1f} |")
     print(f"| idle over the drain | {r.seconds - ingest.busy_s:.1f} | | |")

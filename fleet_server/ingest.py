@@ -7,7 +7,9 @@ raise on device input: malformed, oversized, forged (body claims another device)
 unknown-device messages are dropped alone, counted in ``ingest_rejects`` and logged without
 their payload, and the rest of the group is stored. Everything that needs no database (size,
 strict parse, direction, values the columns cannot hold) is checked before the transaction,
-so device input never fails a group.
+by :func:`fleet_server.ingest_parse.check_message`, so device input never fails a group.
+:func:`store_checked` is the transaction alone, for messages already checked (the runtime
+checks them in parse processes, :class:`fleet_server.ingest_parse.ParsePool`).
 
 Why a group: at 10 records per message, a transaction's fixed cost (its begin and commit, the
 live-device check, the ack position's read and write, the device's ``last_seen_at``) was most
@@ -30,7 +32,6 @@ was full; the eviction itself arrives as an ``outbox.evicted`` event, so the los
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import Counter
@@ -42,29 +43,25 @@ from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from agent.protocol.messages import (
-    MAX_MESSAGE_BYTES,
-    Ack,
-    DriftBatch,
-    MessageError,
-    Reported,
-    Status,
-    TelemetryBatch,
-    parse_device_message,
-)
-from agent.protocol.topics import TopicError, ack_topic
+from agent.protocol.messages import Ack
+from agent.protocol.topics import ack_topic
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet
+from fleet_server.ingest_parse import (
+    Checked,
+    RecordBatch,
+    Refused,
+    ReportedState,
+    StatusChange,
+    check_messages,
+)
 
 __all__ = ["REJECT_COUNTS", "IngestCounters", "IngestResult", "handle_message",
-           "handle_messages"]
+           "handle_messages", "store_checked"]
 
 log = logging.getLogger(__name__)
 #: process-wide reject counters by reason class (exported as metrics later)
 REJECT_COUNTS: Counter[str] = Counter()
-# the body column's canonical JSON; one encoder for all (json.dumps with options builds one
-# per call, a third of its cost on small bodies)
-_BODY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -112,49 +109,6 @@ class IngestCounters:
             return {"messages": dict(self._messages), "stored": dict(self._stored),
                     "duplicates": dict(self._duplicates), "rejected": dict(self._rejected),
                     "acks": self._acks}
-
-
-#: what the record columns hold (BIGINT seq and at, ``kind`` a String(60)): a record beyond
-#: them is refused before the transaction, since the driver's failure would fail its group
-_MAX_BIGINT = 2**63 - 1
-_MAX_KIND = 60
-
-
-@dataclass(frozen=True)
-class _Refused:
-    """A message dropped without storing anything: why, and its reason class."""
-
-    topic: str
-    reason: str
-    size: int
-    kind: str  # oversized | malformed | forged | unknown_device
-
-
-_Stored = Reported | Status | TelemetryBatch | DriftBatch
-
-
-def _check(topic: str, payload: bytes) -> _Stored | _Refused:
-    """Every check that needs no database: size, strict parse, direction, column ranges."""
-    size = len(payload)
-    if size > MAX_MESSAGE_BYTES:
-        return _Refused(topic, f"payload of {size} bytes, over {MAX_MESSAGE_BYTES}", size,
-                        "oversized")
-    try:
-        msg = parse_device_message(topic, payload)
-    except (TopicError, MessageError) as exc:
-        return _Refused(topic, str(exc), size, "malformed")
-    if isinstance(msg, Ack):
-        return _Refused(topic, "acks flow server -> device only", size, "forged")
-    if isinstance(msg, (TelemetryBatch, DriftBatch)):
-        for i, r in enumerate(msg.records):
-            if r.seq > _MAX_BIGINT or r.at > _MAX_BIGINT:
-                return _Refused(topic, f"records[{i}]: expected seq and at <= {_MAX_BIGINT}, "
-                                f"got seq {r.seq}, at {r.at}", size, "malformed")
-            if len(r.kind) > _MAX_KIND or "\x00" in r.kind:  # PostgreSQL text holds no NUL
-                return _Refused(topic, f"records[{i}].kind: expected at most {_MAX_KIND} "
-                                f"characters and no NUL, got {len(r.kind)} characters",
-                                size, "malformed")
-    return msg
 
 
 def _driver_sql(conn: Connection, text: str) -> str:
@@ -209,7 +163,7 @@ def _write_ack_positions(conn: Connection, before: dict[tuple[str, str], int],
             moved)
 
 
-def _reject(conn: Connection, refused: _Refused, now: int) -> IngestResult:
+def _reject(conn: Connection, refused: Refused, now: int) -> IngestResult:
     conn.execute(insert(tables.ingest_rejects).values(
         at=now, topic=refused.topic[:300], reason=refused.reason[:500], size=refused.size))
     return IngestResult(None, "rejected", rejected=refused.reason, reject_class=refused.kind)
@@ -226,7 +180,7 @@ _SQLITE_INSERT: list[str] = []  # _SQLITE_INSERT_STMT compiled, for SQLite (one 
 
 
 def _insert_ignoring_duplicates(conn: Connection, device_id: str, stream: str,
-                                rows: list[tuple[object, ...]]) -> int:
+                                rows: Sequence[tuple[object, ...]]) -> int:
     """Insert ``rows`` (values in ``_RECORD_COLUMNS`` order) into ``device_records`` in one
     statement, skipping those already stored (same device, stream, seq); return how many
     were inserted."""
@@ -251,36 +205,32 @@ def _insert_ignoring_duplicates(conn: Connection, device_id: str, stream: str,
     return len(rows) - int(have)
 
 
-def _store_records(conn: Connection, msg: TelemetryBatch | DriftBatch, now: int,
+def _store_records(conn: Connection, batch: RecordBatch,
                    positions: dict[tuple[str, str], int]) -> tuple[int, int, int]:
     """Insert a batch's records and move its stream's ack position in ``positions`` (the
     caller writes the positions back once per transaction)."""
-    stream = msg.STREAM
-    device_id = msg.device_id
-    seqs = [r.seq for r in msg.records]
-    encode = _BODY_ENCODER.encode
-    stored = _insert_ignoring_duplicates(conn, device_id, stream, [
-        (device_id, stream, r.seq, r.kind, r.at,
-         encode(r.body if type(r.body) is dict else dict(r.body)), now)
-        for r in msg.records])
+    stream = batch.stream
+    device_id = batch.device_id
+    rows = batch.rows
+    first, last = rows[0][2], rows[-1][2]
+    stored = _insert_ignoring_duplicates(conn, device_id, stream, rows)
     upto = positions.get((device_id, stream), 0)
     # ``floor``: the lowest seq the device still holds for this stream. Everything below it
     # was acked or evicted on the device (outbox full) and will never arrive: skip that gap.
     # Trusted only up to the batch's first record, so a device cannot ack what it never sent.
-    floor = msg.unrecognized.get("floor")
-    if isinstance(floor, int) and not isinstance(floor, bool) and 1 <= floor <= seqs[0]:
+    floor = batch.floor
+    if floor is not None and 1 <= floor <= first:
         upto = max(upto, floor - 1)
     # ``from_seq``: every seq in [from_seq, last record] missing from the batch was evicted
     # (the outbox evicts raw metrics before older events, so gaps open above the floor too).
     # Believed only when it continues what we already hold.
-    from_seq = msg.unrecognized.get("from_seq")
-    if (isinstance(from_seq, int) and not isinstance(from_seq, bool)
-            and 1 <= from_seq <= seqs[0] and from_seq <= upto + 1):
-        upto = max(upto, seqs[-1])
-    if seqs[0] == upto + 1 and seqs[-1] - seqs[0] == len(seqs) - 1:
+    from_seq = batch.from_seq
+    if from_seq is not None and 1 <= from_seq <= first and from_seq <= upto + 1:
+        upto = max(upto, last)
+    if first == upto + 1 and last - first == len(rows) - 1:
         # the batch continues what we hold without a gap (seqs strictly increase): all of it
         # is stored now, so walk on only from its last record (usually nothing follows)
-        upto = seqs[-1]
+        upto = last
     following = conn.exec_driver_sql(_driver_sql(
         conn, "SELECT seq FROM device_records WHERE device_id = ? AND stream = ? AND seq > ? "
               "ORDER BY seq"), (device_id, stream, upto))
@@ -290,7 +240,7 @@ def _store_records(conn: Connection, msg: TelemetryBatch | DriftBatch, now: int,
         upto = seq
     following.close()
     positions[(device_id, stream)] = upto
-    return stored, len(seqs) - stored, upto
+    return stored, len(rows) - stored, upto
 
 
 def handle_messages(fleet: Fleet, messages: Sequence[tuple[str, bytes]], *, now: int
@@ -307,40 +257,47 @@ def handle_messages(fleet: Fleet, messages: Sequence[tuple[str, bytes]], *, now:
         StoreError: the database failed; nothing of the group was stored (the caller retries,
             or lets the devices resend: none of it was acked).
     """
-    checked = [_check(topic, payload) for topic, payload in messages]
-    ids = list(dict.fromkeys(m.device_id for m in checked if not isinstance(m, _Refused)))
-    streaming = list(dict.fromkeys(m.device_id for m in checked
-                                   if isinstance(m, (TelemetryBatch, DriftBatch))))
+    return store_checked(fleet, check_messages(messages, now), now=now)
+
+
+def store_checked(fleet: Fleet, checked: Sequence[Checked], *, now: int) -> list[IngestResult]:
+    """:func:`handle_messages` for messages already checked by
+    :func:`fleet_server.ingest_parse.check_message` (in arrival order).
+
+    Raises:
+        StoreError: the database failed; nothing of the group was stored.
+    """
+    ids = list(dict.fromkeys(m.device_id for m in checked if not isinstance(m, Refused)))
+    streaming = list(dict.fromkeys(m.device_id for m in checked if isinstance(m, RecordBatch)))
     results: list[IngestResult] = []
-    refused: list[_Refused] = []
+    refused: list[Refused] = []
     dev = tables.devices.c
     with atomic(fleet.engine) as conn:
         live = _live_devices(conn, ids)
         before = _ack_positions(conn, [d for d in streaming if d in live])
         positions = dict(before)
         seen: dict[str, None] = {}  # devices whose records were stored, for last_seen_at
-        for (topic, payload), msg in zip(messages, checked, strict=True):
-            if not isinstance(msg, _Refused) and msg.device_id not in live:
-                msg = _Refused(topic, f"unknown or revoked device {msg.device_id!r}",
-                               len(payload), "unknown_device")
-            if isinstance(msg, _Refused):
+        for msg in checked:
+            if not isinstance(msg, Refused) and msg.device_id not in live:
+                msg = Refused(msg.topic, msg.size, f"unknown or revoked device "
+                              f"{msg.device_id!r}", "unknown_device")
+            if isinstance(msg, Refused):
                 refused.append(msg)
                 results.append(_reject(conn, msg, now))
-            elif isinstance(msg, Reported):
+            elif isinstance(msg, ReportedState):
                 conn.execute(update(tables.devices).where(dev.id == msg.device_id).values(
-                    reported=msg.to_bytes().decode("utf-8"), reported_at=now,
-                    last_seen_at=now))
+                    reported=msg.text, reported_at=now, last_seen_at=now))
                 results.append(IngestResult(msg.device_id, "reported", stored=1))
-            elif isinstance(msg, Status):
+            elif isinstance(msg, StatusChange):
                 conn.execute(update(tables.devices).where(dev.id == msg.device_id).values(
                     online=msg.online, last_seen_at=now))
                 results.append(IngestResult(msg.device_id, "status", stored=1))
             else:
-                stored, dups, upto = _store_records(conn, msg, now, positions)
+                stored, dups, upto = _store_records(conn, msg, positions)
                 seen[msg.device_id] = None
-                ack = Ack(device_id=msg.device_id, stream=msg.STREAM, upto_seq=upto)
+                ack = Ack(device_id=msg.device_id, stream=msg.stream, upto_seq=upto)
                 results.append(IngestResult(
-                    msg.device_id, msg.STREAM, stored=stored, duplicates=dups,
+                    msg.device_id, msg.stream, stored=stored, duplicates=dups,
                     ack_topic=ack_topic(msg.device_id), ack_payload=ack.to_bytes()))
         _write_ack_positions(conn, before, positions)
         if seen:

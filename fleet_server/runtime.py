@@ -6,12 +6,18 @@
   broker named by ``mqtt_url`` (Mosquitto is the tested one; see ``mosquitto-config``).
 - The server's own MQTT password lives in ``<data_dir>/mqtt/server.secret`` (0600).
 - Incoming ``reported``/``status``/``telemetry``/``drift`` messages are stored by
-  :func:`fleet_server.ingest.handle_messages` on ONE worker thread (in arrival order, one
+  :func:`fleet_server.ingest.store_checked` on ONE worker thread (in arrival order, one
   SQLite writer). The worker takes what queued up while it was busy, up to
   :data:`INGEST_GROUP` messages, and stores it in one transaction (group commit: the
   transaction's fixed cost was most of a small batch's); their acks are queued only after the
   commit. If a group's transaction fails, its messages are stored one at a time, so one
   message the database refuses holds back no other device.
+- Parsing and checking a group (:func:`fleet_server.ingest_parse.check_message`, half to two
+  thirds of ingest's CPU) runs in a :class:`fleet_server.ingest_parse.ParsePool` of
+  ``parse_workers`` processes once there is a backlog, off the GIL: the worker hands group k+1
+  to the pool, stores group k meanwhile, then collects k+1 (in order; see the pool for what
+  happens when a parse process dies). A lone message on an idle server, or every message with
+  ``parse_workers=0``, is parsed on the worker thread itself, as before.
 - Acks are published back from a second thread, so ingest never waits for a PUBACK: when
   several acks for one (device, stream) are waiting, only the newest (highest) is sent, since
   it covers the others.
@@ -43,7 +49,14 @@ from fleet_server.db import atomic
 from fleet_server.deploy.service import advance_rollouts, publish_pending, replan_after_reports
 from fleet_server.errors import BrokerError, FleetError
 from fleet_server.fleet import Fleet, server_mqtt_secret
-from fleet_server.ingest import IngestCounters, handle_messages
+from fleet_server.ingest import IngestCounters, IngestResult, store_checked
+from fleet_server.ingest_parse import (
+    Checked,
+    ParsePool,
+    Submitted,
+    check_messages,
+    default_workers,
+)
 from fleet_server.monitoring import WebhookSender, evaluate_alerts
 from fleet_server.settings import SERVER_MQTT_USER
 
@@ -53,6 +66,9 @@ log = logging.getLogger(__name__)
 #: messages stored per transaction at most (group commit): enough to spread a transaction's
 #: fixed cost, few enough that a group's acks are not held back long
 INGEST_GROUP = 64
+#: groups handed to the parse pool and not yet stored, at most: the one being stored and the
+#: one being parsed meanwhile
+PARSE_AHEAD = 2
 
 
 class LinkPublisher:
@@ -105,12 +121,24 @@ class MqttRuntime:
         clock: unix seconds of ingest (default: the fleet's clock).
         webhooks: the alert webhook sender (default: one over the fleet's database and
             clock; its thread runs between :meth:`start` and :meth:`stop`).
+        parse_workers: parse processes (default :func:`~fleet_server.ingest_parse.default_workers`:
+            ``min(2, cpu_count - 1)``); 0 parses on the ingest thread. Started on the first
+            backlog, not before.
+        parse_timeout_s: seconds a parse process may take over a chunk before it is replaced.
+
+    Raises:
+        ValueError: ``parse_workers`` < 0.
     """
 
     def __init__(self, fleet: Fleet, *, maintenance_interval_s: float = 30.0,
                  rollout_tick_s: float = 1.0,
                  clock: Callable[[], float] | None = None,
-                 webhooks: WebhookSender | None = None) -> None:
+                 webhooks: WebhookSender | None = None,
+                 parse_workers: int | None = None,
+                 parse_timeout_s: float = 30.0) -> None:
+        workers = default_workers() if parse_workers is None else parse_workers
+        if workers < 0:
+            raise ValueError(f"MqttRuntime: expected parse_workers >= 0, got {workers}")
         self.fleet = fleet
         self.broker: Any = None
         self.link: Any = None
@@ -125,6 +153,12 @@ class MqttRuntime:
         self._inbox: deque[tuple[str, bytes]] = deque()
         self._inbox_lock = threading.Lock()
         self._draining = False
+        #: the parse processes (None: parse on the ingest thread)
+        self.parse_pool = (ParsePool(workers, reply_timeout=parse_timeout_s) if workers
+                           else None)
+        # groups taken from the inbox and not yet stored (ingest thread only), oldest first:
+        # (arrival time, checked messages or the pool's ticket for them)
+        self._inflight: deque[tuple[int, list[Checked] | Submitted]] = deque()
         self.ingested = 0
         self._seen_connects: int | None = None  # link.connect_count at the last pass
         # acks: one sender thread; per (device, stream) only the newest waiting ack is sent
@@ -220,18 +254,40 @@ class MqttRuntime:
     def _drain(self) -> None:
         """On the ingest worker: store what is queued, up to :data:`INGEST_GROUP` messages per
         transaction, until the queue is empty. Under load a group holds what arrived during
-        the previous one; when idle, a message is stored alone at once."""
+        the previous one, and is parsed by the pool while the previous one is stored; when
+        idle, a message is parsed and stored alone at once."""
+        inflight = self._inflight
         while True:
             with self._inbox_lock:
-                if not self._inbox:
+                if not self._inbox and not inflight:
                     self._draining = False
                     return
                 group = [self._inbox.popleft()
                          for _ in range(min(len(self._inbox), INGEST_GROUP))]
-            try:
-                self._ingest_group(group)
-            except Exception:  # a bug, not device input (that is refused): store the rest
-                log.exception("ingest of %d message(s) failed", len(group))
+            if group:
+                now = int(self._clock())
+                inflight.append((now, self._parse(group, now)))
+            # store the oldest group once the next is being parsed, or when nothing follows
+            while inflight and (len(inflight) >= PARSE_AHEAD or not group
+                                or not isinstance(inflight[-1][1], Submitted)):
+                now, work = inflight.popleft()
+                try:
+                    if isinstance(work, Submitted):
+                        assert self.parse_pool is not None  # only the pool hands out tickets
+                        work = self.parse_pool.collect(work)
+                    self._store_group(work, now)
+                except Exception:  # a bug, not device input (that is refused): store the rest
+                    log.exception("ingest of a group of messages failed")
+
+    def _parse(self, group: list[tuple[str, bytes]], now: int) -> list[Checked] | Submitted:
+        """Check a group on this thread, or hand it to the parse pool when there is a backlog
+        (more than one message, or groups in flight) and a parse process is ready."""
+        pool = self.parse_pool
+        if pool is not None and (len(group) > 1 or self._inflight):
+            submitted = pool.submit(group, now)
+            if submitted is not None:
+                return submitted
+        return check_messages(group, now)
 
     def ingest(self, topic: str, payload: bytes) -> None:
         """Store one device message on the calling thread, as the ingest worker does: publish
@@ -241,24 +297,29 @@ class MqttRuntime:
         self.wait_acks()
 
     def _ingest_group(self, messages: list[tuple[str, bytes]]) -> None:
-        """Store messages in one transaction, then count them and queue their acks (only now:
-        an ack must never cover a record that is not committed)."""
+        """Check and store messages on the calling thread, in one transaction."""
         now = int(self._clock())
+        self._store_group(check_messages(messages, now), now)
+
+    def _store_group(self, checked: list[Checked], now: int) -> None:
+        """Store checked messages in one transaction, then count them and queue their acks
+        (only now: an ack must never cover a record that is not committed)."""
+        results: list[IngestResult]
         try:
-            results = handle_messages(self.fleet, messages, now=now)
+            results = store_checked(self.fleet, checked, now=now)
         except FleetError as exc:  # the database failed: the devices will resend, unacked
-            if len(messages) == 1:
-                log.error("ingest failed for %s: %s", messages[0][0][:200], exc)
+            if len(checked) == 1:
+                log.error("ingest failed for %s: %s", checked[0].topic[:200], exc)
                 return
             # one message's failure must not hold back the others: store each alone
             log.warning("ingest of %d messages in one transaction failed (%s): storing them "
-                        "one at a time", len(messages), exc)
+                        "one at a time", len(checked), exc)
             results = []
-            for topic, payload in messages:
+            for one in checked:
                 try:
-                    results += handle_messages(self.fleet, [(topic, payload)], now=now)
-                except FleetError as one:
-                    log.error("ingest failed for %s: %s", topic[:200], one)
+                    results += store_checked(self.fleet, [one], now=now)
+                except FleetError as error:
+                    log.error("ingest failed for %s: %s", one.topic[:200], error)
         for result in results:
             self.ingested += 1
             self.counters.count(result)
@@ -418,6 +479,8 @@ class MqttRuntime:
         self.fleet.extra.pop("webhooks", None)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._ingest_pool.shutdown, True)
+        if self.parse_pool is not None:  # after the drain: nothing is left in flight
+            await loop.run_in_executor(None, self.parse_pool.close)
         await loop.run_in_executor(None, self._ack_pool.shutdown, True)
         await loop.run_in_executor(None, self._replan_pool.shutdown, True)
         await loop.run_in_executor(None, self.webhooks.stop)

@@ -13,19 +13,30 @@ neutral :class:`JSONError`; each public module translates it into its own error
   duplicate keys, integers over Python's digit limit and nesting past the recursion limit.
 - :func:`copy_json`: a deep copy of JSON data that refuses anything else (so a frozen
   object never shares, and never holds, what its caller may still change).
+- :func:`canonical_text` and :func:`parse_unchecked`: the two halves of a faster strict read,
+  for a caller that proves the text canonical (``canonical_text(parse_unchecked(t)) == t``).
+  Canonical text holds every key of an object once, and no ``\\u`` escape but those of
+  control characters (so no lone surrogate smuggled in as ``\\ud800`` can match): that one
+  comparison replaces the duplicate-key hook, which runs in Python once per object.
+  ``messages`` reads telemetry this way and falls back to :func:`parse_json` otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MAX_COPY_DEPTH", "JSONError", "canonical_json", "copy_json", "parse_json"]
+__all__ = ["MAX_COPY_DEPTH", "JSONError", "canonical_json", "canonical_text", "copy_json",
+           "parse_json", "parse_unchecked"]
 
 #: how deep :func:`copy_json` follows nested objects and arrays
 MAX_COPY_DEPTH = 100
+# one encoder for all: json.dumps with options builds one per call (stateless, thread-safe)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
 
 
 class JSONError(Exception):
@@ -50,12 +61,24 @@ def canonical_json(value: object) -> bytes:
             over Python's digit limit, or nests past the recursion limit.
     """
     try:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-        return text.encode("utf-8")
+        return _CANONICAL.encode(value).encode("utf-8")
     except (ValueError, TypeError, UnicodeEncodeError, RecursionError) as exc:
         raise JSONError("JSON-encodable data (no NaN, no lone surrogates)",
                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def canonical_text(value: object) -> str:
+    """:func:`canonical_json` as text, before the UTF-8 encoding (which is what refuses lone
+    surrogates: this does not).
+
+    Raises:
+        JSONError: the value holds NaN/Infinity, a non-JSON type, an int over Python's digit
+            limit, or nests past the recursion limit.
+    """
+    try:
+        return _CANONICAL.encode(value)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise JSONError("JSON-encodable data (no NaN)", f"{type(exc).__name__}: {exc}") from exc
 
 
 def _no_constant(name: str) -> object:
@@ -71,11 +94,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json(raw: bytes, *, limit: int) -> Any:
+#: a number that may overflow a float (over 1.8e308): an exponent of 3+ digits, or else 200+
+#: digits in a row (a 2-digit exponent needs 210 digits before the point to get there)
+_MAY_OVERFLOW = re.compile(rb"[eE][+]?[0-9]{3}|[0-9]{200}")
+
+
+def parse_json(raw: bytes, *, limit: int, finite: bool = False) -> Any:
     """Parse untrusted JSON bytes, refusing input over ``limit`` bytes before looking at it.
 
-    Strict: UTF-8 only, no NaN/Infinity, no duplicate keys, no lone surrogates (so the result
-    can always be written back by :func:`canonical_json`).
+    Strict: UTF-8 only, no NaN/Infinity, no duplicate keys, no lone surrogates. A number too
+    large for a float (``1e999``) parses as infinity, which :func:`canonical_json` cannot write
+    back: with ``finite`` it is refused here (at the root), else the caller finds it (the
+    manifest does, to name the field).
 
     Raises:
         JSONError: not bytes, too large, not UTF-8, not strict JSON, or nested too deeply.
@@ -91,10 +121,28 @@ def parse_json(raw: bytes, *, limit: int) -> Any:
         # JSONDecodeError is a ValueError; so are the int-digits limit and our hooks' errors
         raise JSONError("strict UTF-8 JSON", f"{type(exc).__name__}: {exc}") from exc
     # strict UTF-8 already refuses raw surrogates; only a "\ud800"-style escape can smuggle a
-    # lone one in, and re-encoding to catch it costs more than the parse: check only then
-    if b"\\ud" in raw or b"\\uD" in raw:
-        canonical_json(data)  # lone surrogates would otherwise fail only later
+    # lone one in, and only a long exponent or a 200-digit number can overflow to infinity.
+    # Re-encoding to catch them costs more than the parse: check only then
+    if (b"\\ud" in raw or b"\\uD" in raw
+            or (finite and _MAY_OVERFLOW.search(raw) is not None)):
+        canonical_json(data)  # they would otherwise fail only later, on the way out
     return data
+
+
+_UNCHECKED = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def parse_unchecked(text: str) -> Any:
+    """Parse JSON text refusing NaN/Infinity, but NOT duplicate keys or lone surrogates: only
+    for a caller that then proves the text canonical (module docstring).
+
+    Raises:
+        JSONError: not JSON, NaN/Infinity, an int over the digit limit, or nested too deeply.
+    """
+    try:
+        return _UNCHECKED.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise JSONError("strict JSON", f"{type(exc).__name__}: {exc}") from exc
 
 
 def copy_json(value: object, *, max_depth: int = MAX_COPY_DEPTH) -> Any:

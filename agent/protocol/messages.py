@@ -16,6 +16,15 @@ Forward compatibility (python-tuf ADR 0008): every object keeps the fields it do
 :data:`SCHEMA_VERSION` is refused. Payloads over :data:`MAX_MESSAGE_BYTES` are refused before
 parsing.
 
+Reading telemetry for storage: :func:`parse_device_rows` is :func:`parse_device_message` with
+telemetry and drift batches read straight into :class:`RecordRows` (each record's seq, kind,
+at and body as canonical JSON text), which is what a store needs. When the payload is itself
+canonical JSON with plain records (what the agent sends), one pass parses it without the
+duplicate-key hook, checks every field and proves the payload canonical by rebuilding its text
+from the bodies it encodes anyway (``_json``'s docstring says why that comparison stands in for
+the hook); anything else takes the reference path (``from_bytes``), so both accept and refuse
+exactly the same payloads, with the same errors, and give the same rows.
+
 Errors: :class:`MessageError` (an :class:`agent.protocol.ProtocolError`, so a ``ValueError``)
 names the field, expected against actual; a bad topic raises
 :class:`agent.protocol.topics.TopicError` (also a ``ProtocolError``). The strict JSON reading
@@ -46,12 +55,14 @@ __all__ = [
     "DriftBatch",
     "MessageError",
     "Record",
+    "RecordRows",
     "Reported",
     "RunningModel",
     "Status",
     "TelemetryBatch",
     "canonical_json",
     "parse_device_message",
+    "parse_device_rows",
     "parse_json",
 ]
 
@@ -95,14 +106,15 @@ def canonical_json(value: object, *, message: str = "message") -> bytes:
 def parse_json(raw: bytes, *, message: str = "message", limit: int = MAX_MESSAGE_BYTES) -> Any:
     """Parse untrusted JSON bytes, refusing oversize input before looking at it.
 
-    Strict: UTF-8 only, no NaN/Infinity, no duplicate keys, no lone surrogates (so the result
-    can always be written back as canonical JSON).
+    Strict: UTF-8 only, no NaN/Infinity (also none from a number too large for a float), no
+    duplicate keys, no lone surrogates (so the result can always be written back as canonical
+    JSON).
 
     Raises:
         MessageError: too large, not UTF-8, not strict JSON, or nested too deeply.
     """
     try:
-        return _json.parse_json(raw, limit=limit)
+        return _json.parse_json(raw, limit=limit, finite=True)
     except _json.JSONError as exc:
         raise MessageError(exc.where, exc.expected, exc.actual, message=message) from exc
 
@@ -607,3 +619,101 @@ def parse_device_message(topic: str, payload: bytes) -> DeviceMessage:
         raise MessageError("device_id", f"{device_id!r} (the device in topic {topic!r})",
                            msg.device_id, message=cls.MESSAGE)
     return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# telemetry and drift read straight into rows (module docstring)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecordRows:
+    """A checked telemetry or drift batch as rows: ``(seq, kind, at, body)`` per record, in
+    order, ``body`` the record body's canonical JSON text. The records' own unrecognized
+    fields are not kept; the batch's are (``floor``, ``from_seq``...)."""
+
+    device_id: str
+    stream: str  # one of STREAMS
+    rows: tuple[tuple[int, str, int, str], ...]
+    schema_version: int = SCHEMA_VERSION
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+def parse_device_rows(topic: str, payload: bytes) -> Reported | Status | Ack | RecordRows:
+    """:func:`parse_device_message`, with telemetry and drift batches as :class:`RecordRows`.
+
+    Raises:
+        TopicError: the topic is not one of ours.
+        MessageError: as :func:`parse_device_message`, for exactly the same payloads.
+    """
+    device_id, kind = parse_topic(topic)
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is not TelemetryBatch and cls is not DriftBatch:
+        msg = parse_device_message(topic, payload)
+        assert not isinstance(msg, _RecordBatch)  # by its topic kind
+        return msg
+    fast = _canonical_rows(cls.STREAM, device_id, payload)
+    if fast is not None:
+        return fast
+    batch = parse_device_message(topic, payload)  # the reference path: raises what it refuses
+    assert isinstance(batch, _RecordBatch)
+    try:
+        rows = tuple((r.seq, r.kind, r.at, _json.canonical_text(dict(r.body)))
+                     for r in batch.records)
+    except _json.JSONError as exc:  # parse_json proved the bodies encodable
+        raise AssertionError(f"a parsed record body does not encode: {exc}") from exc
+    return RecordRows(device_id=batch.device_id, stream=batch.STREAM, rows=rows,
+                      schema_version=batch.schema_version, unrecognized=dict(batch.unrecognized))
+
+
+_BATCH_FIELDS = ("schema_version", "device_id", "records")
+
+
+def _canonical_rows(stream: str, device_id: str, raw: bytes) -> RecordRows | None:
+    """The one-pass read of a canonical batch with plain records (module docstring); None when
+    it cannot prove the payload valid and canonical: the caller then takes the reference path.
+
+    Accepts only what ``_RecordBatch.from_dict`` accepts, and more strictly: records holding
+    exactly ``seq``, ``kind``, ``at`` and ``body``, and the payload byte-identical to the
+    canonical JSON of what it parses to (so no duplicate keys, no lone surrogates).
+    """
+    if not isinstance(raw, bytes) or len(raw) > MAX_MESSAGE_BYTES:
+        return None
+    canon = _json.canonical_text
+    try:
+        text = raw.decode("utf-8")
+        data = _json.parse_unchecked(text)
+        if type(data) is not dict or data.get("device_id") != device_id:
+            return None
+        version = data.get("schema_version")
+        records = data.get("records")
+        if (type(version) is not int or not 1 <= version <= SCHEMA_VERSION
+                or type(records) is not list or not records):
+            return None
+        rows: list[tuple[int, str, int, str]] = []
+        pieces: list[str] = []
+        kinds: dict[str, str] = {}
+        previous = 0  # seq >= 1, strictly increasing
+        for record in records:
+            if type(record) is not dict or len(record) != 4:
+                return None
+            seq, kind = record.get("seq"), record.get("kind")
+            at, body = record.get("at"), record.get("body")
+            if (type(seq) is not int or type(at) is not int or type(kind) is not str
+                    or type(body) is not dict or seq <= previous or at < 0 or not kind):
+                return None
+            previous = seq
+            kind_text = kinds.get(kind)
+            if kind_text is None:
+                kind_text = kinds[kind] = canon(kind)
+            body_text = canon(body)
+            pieces.append(f'{{"at":{at},"body":{body_text},"kind":{kind_text},"seq":{seq}}}')
+            rows.append((seq, kind, at, body_text))
+        records_text = "[" + ",".join(pieces) + "]"
+        parts = [canon(key) + ":" + (records_text if key == "records" else canon(value))
+                 for key, value in sorted(data.items())]
+    except (UnicodeDecodeError, _json.JSONError):
+        return None
+    if "{" + ",".join(parts) + "}" != text:
+        return None
+    return RecordRows(device_id=device_id, stream=stream, rows=tuple(rows),
+                      schema_version=version,
+                      unrecognized={k: v for k, v in data.items() if k not in _BATCH_FIELDS})

@@ -242,3 +242,44 @@ def test_a_failed_group_stores_nothing_and_counts_nothing(fleet: Fleet) -> None:
             (device_topic("dev-b", "telemetry"), batch("dev-b", [1]))], now=NOW)
     assert stored(fleet, "dev-a") == [] and acks_held(fleet) == {}
     assert before == REJECT_COUNTS
+
+
+def _reference_bodies(payload: bytes) -> list[tuple[int, str]]:
+    """What ingest stored before the one-pass read: from_bytes, then each body re-encoded."""
+    msg = TelemetryBatch.from_bytes(payload)
+    return [(r.seq, json.dumps(r.body, sort_keys=True, separators=(",", ":")))
+            for r in msg.records]
+
+
+STORED_AS_BEFORE = [
+    ("canonical", batch("dev-a", [1, 2])),
+    ("non-ascii and DEL", TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=1, kind="metrics", at=NOW, body={"model": "é日\x7f", "n": [1.5, -0.25]}),)
+    ).to_bytes()),
+    ("spaces, escapes, 1.50", (b'{"schema_version": 1, "device_id": "dev-a", "records": '
+     b'[{"seq": 1, "kind": "metrics", "at": 5, "body": {"b": 1.50, "a": "\\u00e9"}}]}')),
+    ("record with an extra field", (b'{"device_id":"dev-a","records":[{"at":5,"body":{"z":1},'
+     b'"kind":"m","seq":1,"x_future":true}],"schema_version":1}')),
+]
+
+
+@pytest.mark.parametrize("payload", [p for _, p in STORED_AS_BEFORE],
+                         ids=[n for n, _ in STORED_AS_BEFORE])
+def test_bodies_are_stored_byte_for_byte_as_the_reference_path_stores_them(
+        fleet: Fleet, payload: bytes) -> None:
+    handle_message(fleet, device_topic("dev-a", "telemetry"), payload, now=NOW)
+    with atomic(fleet.engine) as conn:
+        got = [(seq, body) for seq, body in conn.execute(select(
+            tables.device_records.c.seq, tables.device_records.c.body).order_by(
+            tables.device_records.c.seq))]
+    assert got == _reference_bodies(payload)
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1E+400", b"1" + b"0" * 250 + b"e99"],
+                         ids=["1e999", "-1E+400", "250-digits-e99"])
+def test_a_number_overflowing_to_infinity_is_refused(fleet: Fleet, number: bytes) -> None:
+    payload = (b'{"device_id":"dev-a","records":[{"at":5,"body":{"x":' + number
+               + b'},"kind":"m","seq":1}],"schema_version":1}')
+    result = handle_message(fleet, device_topic("dev-a", "telemetry"), payload, now=NOW)
+    assert result.reject_class == "malformed" and "Out of range float" in (result.rejected or "")
+    assert stored(fleet, "dev-a") == []

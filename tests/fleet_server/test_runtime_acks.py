@@ -15,6 +15,7 @@ from agent.protocol.topics import device_topic
 from fleet_server import auth
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet, init_data_dir, open_fleet
+from fleet_server.ingest_parse import Checked
 from fleet_server.registry import devices
 from fleet_server.runtime import INGEST_GROUP, MqttRuntime
 from fleet_server.settings import Settings
@@ -86,7 +87,8 @@ class CheckingPublisher:
         self.acks.append((device_id, ack.upto_seq))
 
 
-def _runtime(tmp_path: Path, device_ids: list[str]) -> tuple[MqttRuntime, CheckingPublisher]:
+def _runtime(tmp_path: Path, device_ids: list[str], parse_workers: int = 0
+             ) -> tuple[MqttRuntime, CheckingPublisher]:
     settings = Settings(data_dir=tmp_path / "data")
     init_data_dir(settings, clock=lambda: NOW)
     publisher = CheckingPublisher()
@@ -96,7 +98,7 @@ def _runtime(tmp_path: Path, device_ids: list[str]) -> tuple[MqttRuntime, Checki
         admin = auth.Principal("t", "test", "admin")
         for dev in device_ids:
             devices.provision(fleet, conn, device_id=dev, profile="rpi4", tags=[], actor=admin)
-    return MqttRuntime(fleet), publisher
+    return MqttRuntime(fleet, parse_workers=parse_workers), publisher
 
 
 def _message(device: str, seq: int) -> SimpleNamespace:
@@ -108,6 +110,8 @@ def _message(device: str, seq: int) -> SimpleNamespace:
 
 def _stop(runtime: MqttRuntime) -> None:
     runtime._ingest_pool.shutdown(wait=True)
+    if runtime.parse_pool is not None:
+        runtime.parse_pool.close()
     runtime._ack_pool.shutdown(wait=True)
     runtime._replan_pool.shutdown(wait=True)
     runtime.fleet.engine.dispose()
@@ -117,13 +121,13 @@ def test_messages_queued_while_the_worker_is_busy_are_stored_in_groups(
         tmp_path: Path) -> None:
     runtime, publisher = _runtime(tmp_path, ["dev-a", "dev-b"])
     groups: list[int] = []
-    store = runtime._ingest_group
+    store = runtime._store_group
 
-    def counted(messages: list[tuple[str, bytes]]) -> None:
-        groups.append(len(messages))
-        store(messages)
+    def counted(checked: list[Checked], now: int) -> None:
+        groups.append(len(checked))
+        store(checked, now)
 
-    runtime._ingest_group = counted  # type: ignore[method-assign]
+    runtime._store_group = counted  # type: ignore[method-assign]
     busy = threading.Event()
     try:
         runtime._ingest_pool.submit(busy.wait, 30)  # the worker is busy with something else

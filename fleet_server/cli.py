@@ -274,11 +274,16 @@ def init(data_dir: Path, as_json: bool) -> None:
               help="Where alert webhooks may POST (repeatable): a host, *.domain, IP "
                    "address or http(s):// URL prefix. Unset: any URL, with a warning (env "
                    "EDGEFLEET_WEBHOOK_ALLOW as a JSON list).")
+@click.option("--ingest-parse-workers", "ingest_parse_workers", type=click.IntRange(0, 64),
+              metavar="N",
+              help="Processes that parse device telemetry once ingest falls behind; 0 parses "
+                   "on the ingest thread (default min(2, CPUs - 1); env "
+                   "EDGEFLEET_INGEST_PARSE_WORKERS).")
 def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | None,
           mqtt_url: str | None, mqtt_host: str | None, mqtt_port: int | None,
           mqtt_public_url: str | None, environment: str | None, log_level: str,
           maintenance_s: float, record_retention_days: int | None,
-          webhook_allow: tuple[str, ...]) -> None:
+          webhook_allow: tuple[str, ...], ingest_parse_workers: int | None) -> None:
     """Run the fleet server (admin API, TUF repository) on uvicorn until interrupted.
 
     Every option can also come from the environment as EDGEFLEET_<OPTION> (for example
@@ -297,7 +302,8 @@ def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | 
                          mqtt_url=mqtt_url, mqtt_host=mqtt_host, mqtt_port=mqtt_port,
                          mqtt_public_url=mqtt_public_url, environment=environment,
                          record_retention_days=record_retention_days,
-                         webhook_allow=webhook_allow or None)
+                         webhook_allow=webhook_allow or None,
+                         ingest_parse_workers=ingest_parse_workers)
     if settings.port == 0 and not settings.public_url:
         raise click.UsageError("--port 0 needs --public-url: provisioning files tell devices "
                                "the server's URL")
@@ -319,7 +325,8 @@ def serve(data_dir: Path, host: str | None, port: int | None, public_url: str | 
         app = create_app(settings)
         from fleet_server.runtime import attach_mqtt
 
-        attach_mqtt(app, maintenance_interval_s=maintenance_s)
+        attach_mqtt(app, maintenance_interval_s=maintenance_s,
+                    parse_workers=settings.ingest_parse_workers)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
 
 

@@ -87,6 +87,9 @@ class IngestCounters:
         self._duplicates: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._acks = 0
+        #: the runtime's parse processes, whose restarts and re-parses a scrape reports
+        #: (anything with ``restarts`` and ``reparsed`` ints; None: parsing in-thread)
+        self.parse_pool: Any = None
 
     def count(self, result: IngestResult) -> None:
         """Count one :func:`handle_message` result."""
@@ -104,11 +107,15 @@ class IngestCounters:
 
     def snapshot(self) -> dict[str, Any]:
         """``messages`` per kind, ``stored`` and ``duplicates`` records per stream,
-        ``rejected`` per reason class, ``acks`` sent."""
+        ``rejected`` per reason class, ``acks`` sent, and the parse processes' ``restarts``
+        and ``reparsed`` messages (0 without them)."""
+        pool = self.parse_pool
         with self._lock:
             return {"messages": dict(self._messages), "stored": dict(self._stored),
                     "duplicates": dict(self._duplicates), "rejected": dict(self._rejected),
-                    "acks": self._acks}
+                    "acks": self._acks,
+                    "parse_restarts": pool.restarts if pool is not None else 0,
+                    "parse_reparsed": pool.reparsed if pool is not None else 0}
 
 
 def _driver_sql(conn: Connection, text: str) -> str:
@@ -213,8 +220,12 @@ def _store_records(conn: Connection, batch: RecordBatch,
     device_id = batch.device_id
     rows = batch.rows
     first, last = rows[0][2], rows[-1][2]
-    stored = _insert_ignoring_duplicates(conn, device_id, stream, rows)
     upto = positions.get((device_id, stream), 0)
+    # A seq at or below the ack position was stored, or declared gone by the device (floor /
+    # from_seq): a duplicate even when retention (fleet_server.monitoring.retention) has
+    # deleted its row since. Seqs strictly increase, so only a re-send needs the filter.
+    fresh = rows if first > upto else [row for row in rows if row[2] > upto]
+    stored = _insert_ignoring_duplicates(conn, device_id, stream, fresh) if fresh else 0
     # ``floor``: the lowest seq the device still holds for this stream. Everything below it
     # was acked or evicted on the device (outbox full) and will never arrive: skip that gap.
     # Trusted only up to the batch's first record, so a device cannot ack what it never sent.

@@ -57,7 +57,7 @@ from fleet_server.ingest_parse import (
     check_messages,
     default_workers,
 )
-from fleet_server.monitoring import WebhookSender, evaluate_alerts
+from fleet_server.monitoring import RecordRetention, WebhookSender, evaluate_alerts
 from fleet_server.settings import SERVER_MQTT_USER
 
 __all__ = ["LinkPublisher", "MqttRuntime", "attach_mqtt"]
@@ -177,7 +177,12 @@ class MqttRuntime:
         self._replan_future: concurrent.futures.Future[None] | None = None
         self.replans = 0
         self.counters = IngestCounters()
-        self.webhooks = webhooks or WebhookSender(fleet.engine, clock=fleet.clock)
+        self.counters.parse_pool = self.parse_pool
+        self.webhooks = webhooks or WebhookSender(fleet.engine, clock=fleet.clock,
+                                                  allow=fleet.settings.webhook_allow_list)
+        #: deletes device records older than ``record_retention_days``, from the pass
+        self.retention = RecordRetention.for_days(fleet.engine,
+                                                  fleet.settings.record_retention_days)
 
     async def start(self) -> None:
         """Start the broker (embedded) and the link; subscribe; publish what is pending.
@@ -438,8 +443,9 @@ class MqttRuntime:
 
         Returns ``timestamp_refreshed``, ``resigned`` (devices given a newly signed desired
         state: near expiry, or moved by a rollout), ``published``, ``rollouts`` (the
-        rollouts whose step did something) and ``alerts`` (each alert that changed state, as
-        ``"<id>:<state>"``).
+        rollouts whose step did something), ``alerts`` (each alert that changed state, as
+        ``"<id>:<state>"``) and ``pruned`` (device records deleted by the retention, which
+        runs at most hourly).
         """
         self._republish_after_reconnect()
         fleet = self.fleet
@@ -450,9 +456,11 @@ class MqttRuntime:
         transitions = evaluate_alerts(fleet, now=fleet.now())
         if any(t.webhook for t in transitions):
             self.webhooks.notify()
+        pruned = self.retention.maybe_run(fleet.now())
         return {"timestamp_refreshed": refreshed, "resigned": list(advanced.desired_changed),
                 "published": sent, "rollouts": advanced.rollout_ids,
-                "alerts": [f"{t.alert_id}:{t.after}" for t in transitions]}
+                "alerts": [f"{t.alert_id}:{t.after}" for t in transitions],
+                "pruned": pruned.deleted if pruned is not None else 0}
 
     async def _maintenance(self) -> None:
         loop = asyncio.get_running_loop()

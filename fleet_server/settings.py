@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # allows any URL (warned at start), [] none (fleet_server.monitoring.allowlist).
     # From the environment as JSON: EDGEFLEET_WEBHOOK_ALLOW='["hooks.example.com"]'
     webhook_allow: tuple[str, ...] | None = None
+    # processes that parse telemetry off the ingest thread once it falls behind; None picks
+    # min(2, CPUs - 1), 0 parses on the ingest thread (fleet_server.ingest_parse)
+    ingest_parse_workers: int | None = Field(None, ge=0, le=64)
 
     @field_validator("environment")
     @classmethod

@@ -21,6 +21,8 @@ edgefleet_ingest_records_total         counter  stream, outcome (stored, duplica
 edgefleet_ingest_rejected_total        counter  reason: oversized, malformed, forged,
                                                 unknown_device
 edgefleet_acks_sent_total              counter  acks published to devices
+edgefleet_ingest_parse_restarts_total  counter  parse processes replaced (died or hung)
+edgefleet_ingest_parse_reparsed_messages_total  counter  messages re-parsed in-thread for them
 =====================================  =======  ==============================================
 
 The counters start at 0 with the server process (``serve``); without an MQTT runtime (an
@@ -145,6 +147,12 @@ class FleetCollector(Collector):
         yield c
         yield CounterMetricFamily(f"{NAMESPACE}_acks_sent", "Acks published to devices.",
                                   value=snap["acks"])
+        yield CounterMetricFamily(f"{NAMESPACE}_ingest_parse_restarts", "Parse processes "
+                                  "replaced after dying or hanging.",
+                                  value=snap["parse_restarts"])
+        yield CounterMetricFamily(f"{NAMESPACE}_ingest_parse_reparsed_messages", "Messages "
+                                  "re-parsed on the ingest thread for a replaced parse "
+                                  "process.", value=snap["parse_reparsed"])
 
 
 def make_registry(fleet: Callable[[], Fleet | None],

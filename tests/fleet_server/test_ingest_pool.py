@@ -294,7 +294,9 @@ def test_a_parse_process_killed_mid_backlog_loses_nothing(
     assert pool.restarts == 1 and pool.reparsed == 2 * INGEST_GROUP
     assert "died (exit code -9)" in caplog.text  # killed, not timed out (30 s)
     assert victim not in pool.pids
-    assert runtime.counters.snapshot()["stored"] == {"telemetry": 180}
+    snap = runtime.counters.snapshot()  # what /metrics reports
+    assert snap["stored"] == {"telemetry": 180}
+    assert (snap["parse_restarts"], snap["parse_reparsed"]) == (1, 2 * INGEST_GROUP)
 
 
 def test_stop_stores_the_backlog_then_ends_the_parse_processes(

@@ -67,7 +67,7 @@ def test_timestamp_and_desired_states_are_resigned_before_expiry(tmp_path: Path)
     clock.now += 3600  # an hour later: nothing is near expiry
     quiet = runtime.maintain_once()
     assert quiet == {"timestamp_refreshed": False, "resigned": [], "published": [],
-                     "rollouts": [], "alerts": []}
+                     "rollouts": [], "alerts": [], "pruned": 0}
 
     clock.now += 6 * DAY  # desired state within its one-day margin; TUF timestamp (1 day) past
     busy = runtime.maintain_once()
@@ -112,3 +112,38 @@ def test_a_reconnected_link_republishes_every_retained_state_unchanged(tmp_path:
     again = runtime.maintain_once()
     assert again["published"] == ["d1"] and again["resigned"] == []
     assert recorder.desired[-1] == recorder.desired[0]  # the same signed envelope
+
+
+def test_the_pass_prunes_records_past_the_retention(tmp_path: Path) -> None:
+    """``record_retention_days`` through the pass, on the injected clock: the old records
+    go, the recent ones stay, and the next run waits an hour."""
+    from agent.protocol.messages import Record, TelemetryBatch
+    from agent.protocol.topics import device_topic
+    from fleet_server.ingest import handle_message
+
+    clock = Clock(1_800_000_000)
+    settings = Settings(data_dir=tmp_path / "d", record_retention_days=7)
+    init_data_dir(settings, clock=clock)
+    fleet = open_fleet(settings, clock=clock, publisher=Recorder())
+    with atomic(fleet.engine) as conn:
+        devices.provision(fleet, conn, device_id="d1", profile="rpi4", tags=[], actor=ADMIN)
+
+    def send(seqs: list[int]) -> None:
+        batch = TelemetryBatch(device_id="d1", records=tuple(
+            Record(seq=s, kind="event", at=int(clock.now), body={"n": s}) for s in seqs))
+        handle_message(fleet, device_topic("d1", "telemetry"), batch.to_bytes(),
+                       now=int(clock.now))
+
+    send([1, 2, 3])
+    clock.now += 6 * DAY
+    send([4])
+    runtime = MqttRuntime(fleet)  # never started: maintain_once needs only the fleet
+    clock.now += DAY - 10
+    assert runtime.maintain_once()["pruned"] == 0  # nothing is 7 days old yet
+    clock.now += 20  # 1..3 are due, but the last run was 20 s ago: the next is in an hour
+    assert runtime.maintain_once()["pruned"] == 0
+    clock.now += 3600
+    assert runtime.maintain_once()["pruned"] == 3
+    with atomic(fleet.engine) as conn:
+        left = conn.execute(select(tables.device_records.c.seq)).scalars().all()
+    assert left == [4]

@@ -102,8 +102,6 @@ def test_records_past_a_gap_are_kept_until_the_ack_covers_them(fleetlet: Fleetle
     assert stored(f, "pi-1") == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs ingest to skip records at or below the ack "
-                   "position (proposed change to fleet_server/ingest.py _store_records)")
 def test_a_pruned_sequence_sent_again_is_a_duplicate_not_a_new_record(
         fleetlet: Fleetlet) -> None:
     f = fleetlet

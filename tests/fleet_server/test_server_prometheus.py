@@ -157,6 +157,8 @@ def test_metrics_count_what_the_server_did(served: dict[str, Any]) -> None:
     assert sample(got, "edgefleet_ingest_rejected_total", reason="malformed") == 1
     assert sample(got, "edgefleet_ingest_rejected_total", reason="forged") == 0
     assert sample(got, "edgefleet_acks_sent_total") == 3
+    assert sample(got, "edgefleet_ingest_parse_restarts_total") == 0
+    assert sample(got, "edgefleet_ingest_parse_reparsed_messages_total") == 0
 
 
 def test_metrics_need_a_reader_token(tmp_path: Path) -> None:

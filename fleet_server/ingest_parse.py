@@ -136,7 +136,9 @@ def _hint(value: object) -> int | None:
 def check_message(topic: str, payload: bytes, now: int) -> Checked:
     """Every check that needs no database, for one message that arrived at ``now`` (unix s).
 
-    Never raises on device input: what it refuses comes back as :class:`Refused`.
+    Never raises on device input: what it refuses comes back as :class:`Refused`. A
+    ``reported`` state is stored re-encoded, and canonical JSON can be longer than what the
+    device sent (``1E5`` is ``100000.0``): one that grows past the size limit is refused too.
     """
     size = len(payload)
     if size > MAX_MESSAGE_BYTES:
@@ -144,12 +146,12 @@ def check_message(topic: str, payload: bytes, now: int) -> Checked:
                        "oversized")
     try:
         msg = parse_device_rows(topic, payload)
+        if isinstance(msg, Reported):
+            return ReportedState(topic, size, msg.device_id, msg.to_bytes().decode("utf-8"))
     except (TopicError, MessageError) as exc:
         return Refused(topic, size, str(exc), "malformed")
     if isinstance(msg, Ack):
         return Refused(topic, size, "acks flow server -> device only", "forged")
-    if isinstance(msg, Reported):
-        return ReportedState(topic, size, msg.device_id, msg.to_bytes().decode("utf-8"))
     if isinstance(msg, Status):
         return StatusChange(topic, size, msg.device_id, msg.online)
     return _record_batch(topic, size, msg, now)
@@ -171,8 +173,18 @@ def _record_batch(topic: str, size: int, msg: RecordRows, now: int) -> RecordBat
 
 
 def check_messages(messages: Sequence[tuple[str, bytes]], now: int) -> list[Checked]:
-    """:func:`check_message` for each, in order."""
-    return [check_message(topic, payload, now) for topic, payload in messages]
+    """:func:`check_message` for each, in order. Total: a message whose check raises (a bug,
+    since device input is refused, not raised) is refused alone and logged with its
+    traceback, so one message can neither stall ingest nor crash a parse process."""
+    out: list[Checked] = []
+    for topic, payload in messages:
+        try:
+            out.append(check_message(topic, payload, now))
+        except Exception as exc:
+            log.exception("checking a device message on %r failed: refused", topic)
+            out.append(Refused(topic, len(payload), f"internal error while checking it: "
+                               f"{type(exc).__name__}: {exc}", "malformed"))
+    return out
 
 
 def default_workers() -> int:
@@ -380,11 +392,16 @@ class ParsePool:
 
     def _wait(self, index: int, ticket: int) -> list[Checked]:
         worker = self._workers[index]
+        if ticket not in worker.outstanding:  # never silently wait on a process that lacks it
+            raise RuntimeError(f"parse worker {index}: chunk {ticket} is neither answered nor "
+                               f"outstanding")
+        hung = False
         while True:
             ready = multiprocessing.connection.wait([worker.conn, worker.process.sentinel],
                                                     self.reply_timeout)
             if worker.conn not in ready:
-                break  # dead (sentinel) or silent past the timeout
+                hung = not ready  # nothing ready: silent past the timeout; else it died
+                break
             try:
                 got, answer = worker.conn.recv()  # (int, list[Checked]): our own worker's
             except (EOFError, OSError):
@@ -398,13 +415,13 @@ class ParsePool:
             if got == ticket:
                 return checked
             self._answers[got] = checked  # an earlier group's would have been collected first
-        return self._replace(index, ticket)
+        return self._replace(index, ticket, hung=hung)
 
-    def _replace(self, index: int, ticket: int) -> list[Checked]:
-        """Kill and replace worker ``index``; re-parse here every chunk it had not answered:
-        ``ticket``'s is returned, later groups' wait in ``_answers``."""
+    def _replace(self, index: int, ticket: int, *, hung: bool) -> list[Checked]:
+        """Kill and replace worker ``index`` (``hung``: it was alive but silent past the
+        timeout; else it died); re-parse here every chunk it had not answered: ``ticket``'s
+        is returned, later groups' wait in ``_answers``."""
         worker = self._workers[index]
-        hung = worker.process.is_alive()
         worker.kill()
         lost = list(worker.outstanding)
         worker.outstanding.clear()

@@ -271,7 +271,13 @@ class MqttRuntime:
                          for _ in range(min(len(self._inbox), INGEST_GROUP))]
             if group:
                 now = int(self._clock())
-                inflight.append((now, self._parse(group, now)))
+                try:
+                    inflight.append((now, self._parse(group, now)))
+                except Exception:  # a bug (device input is refused, not raised): the drain
+                    # must go on, or _draining stays set and ingest stops for every device
+                    log.exception("parsing a group of %d messages failed: parsing it here",
+                                  len(group))
+                    inflight.append((now, check_messages(group, now)))
             # store the oldest group once the next is being parsed, or when nothing follows
             while inflight and (len(inflight) >= PARSE_AHEAD or not group
                                 or not isinstance(inflight[-1][1], Submitted)):

@@ -19,12 +19,25 @@ import pytest
 from polling import wait_for
 from sqlalchemy import select
 
-from agent.protocol.messages import Ack, Record, Reported, Status, TelemetryBatch
+from agent.protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    Ack,
+    Record,
+    Reported,
+    Status,
+    TelemetryBatch,
+)
 from agent.protocol.topics import device_topic
 from fleet_server import auth
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet, init_data_dir, open_fleet
-from fleet_server.ingest_parse import Checked, ParsePool, RecordBatch, check_messages
+from fleet_server.ingest_parse import (
+    Checked,
+    ParsePool,
+    RecordBatch,
+    Refused,
+    check_messages,
+)
 from fleet_server.registry import devices
 from fleet_server.runtime import INGEST_GROUP, MqttRuntime
 from fleet_server.settings import Settings
@@ -51,6 +64,18 @@ def mixed_group(start: int) -> list[tuple[str, bytes]]:
         device_id="dev-a", applied_sequence=0, running=(), state="Idle", last_result=None,
         last_error=None, agent_version="0.1", reported_at=NOW).to_bytes())
     return group
+
+
+def swelling_reported(device: str) -> tuple[str, bytes]:
+    """A valid ``reported`` under the size limit whose canonical re-encoding is over it:
+    ``1E5`` is stored as ``100000.0``."""
+    head = Reported(device_id=device, applied_sequence=0, running=(), state="Idle",
+                    last_result=None, last_error=None, agent_version="0.1",
+                    reported_at=NOW).to_bytes()[:-1]
+    n = (MAX_MESSAGE_BYTES - len(head) - 20) // 4
+    payload = head + b',"x":[' + b",".join([b"1E5"] * n) + b"]}"
+    assert len(payload) <= MAX_MESSAGE_BYTES
+    return device_topic(device, "reported"), payload
 
 
 @pytest.fixture
@@ -324,4 +349,69 @@ def test_parse_workers_zero_parses_on_the_ingest_thread(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="parse_workers >= 0, got -1"):
             MqttRuntime(fleet, parse_workers=-1)
     finally:
+        fleet.engine.dispose()
+
+
+def test_a_reported_that_swells_past_the_limit_is_refused_not_raised(pool: ParsePool) -> None:
+    """In the pool as in the thread: refused alone, no process lost, the rest answered."""
+    group = [telemetry("dev-a", [1]), swelling_reported("dev-a"), telemetry("dev-b", [1])]
+    here = check_messages(group, NOW)
+    assert isinstance(here[1], Refused) and here[1].kind == "malformed"
+    assert "expected at most 262144 bytes" in here[1].reason
+    sub = pool.submit(group, NOW)
+    later = pool.submit([telemetry("dev-c", [1]), telemetry("dev-c", [2])], NOW)
+    assert sub is not None and later is not None
+    assert pool.collect(sub) == here
+    assert [c.rows[0][2] for c in pool.collect(later)
+            if isinstance(c, RecordBatch)] == [1, 2]
+    assert (pool.restarts, pool.reparsed) == (0, 0)
+
+
+def test_a_check_that_raises_refuses_that_message_alone(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """check_messages is total: a bug in one check neither stalls ingest nor drops the rest."""
+    from fleet_server import ingest_parse
+
+    real = ingest_parse.check_message
+
+    def buggy(topic: str, payload: bytes, now: int) -> Checked:
+        if topic.endswith("/status"):
+            raise KeyError("boom")
+        return real(topic, payload, now)
+
+    monkeypatch.setattr(ingest_parse, "check_message", buggy)
+    status = (device_topic("dev-a", "status"),
+              Status(device_id="dev-a", online=True, at=NOW).to_bytes())
+    got = check_messages([telemetry("dev-a", [1]), status, telemetry("dev-b", [1])], NOW)
+    assert [type(c).__name__ for c in got] == ["RecordBatch", "Refused", "RecordBatch"]
+    refused = got[1]
+    assert isinstance(refused, Refused)
+    assert refused.reason == "internal error while checking it: KeyError: 'boom'"
+    assert "checking a device message" in caplog.text
+
+
+def test_after_a_swelling_reported_ingest_goes_on(tmp_path: Path) -> None:
+    """A lone message is parsed on the ingest thread: one that cannot be stored must not
+    leave the drain flagged as running, or nothing after it is ever stored."""
+    settings = Settings(data_dir=tmp_path / "data")
+    init_data_dir(settings, clock=lambda: NOW)
+    fleet = open_fleet(settings, clock=lambda: NOW)
+    fleet.publisher = CheckingPublisher(fleet)
+    with atomic(fleet.engine) as conn:
+        devices.provision(fleet, conn, device_id="dev-a", profile="rpi4", tags=[],
+                          actor=auth.Principal("t", "test", "admin"))
+    rt = MqttRuntime(fleet, parse_workers=0, clock=lambda: NOW)
+    try:
+        for topic, payload in (swelling_reported("dev-a"), telemetry("dev-a", [1, 2])):
+            rt._on_message(SimpleNamespace(topic=topic, payload=payload))
+            rt._ingest_pool.submit(lambda: None).result(30)  # the drain has run
+        assert not rt._draining
+        assert _held(rt) == {"dev-a": [1, 2]}
+        snap = rt.counters.snapshot()
+        assert snap["rejected"] == {"malformed": 1}
+        assert snap["stored"] == {"telemetry": 2}
+    finally:
+        rt._ingest_pool.shutdown(wait=True)
+        rt._ack_pool.shutdown(wait=True)
+        rt._replan_pool.shutdown(wait=True)
         fleet.engine.dispose()

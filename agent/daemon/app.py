@@ -328,11 +328,14 @@ class Agent:
             self._refuse(exc)
         return None
 
-    def _refuse(self, exc: Exception) -> None:
+    def _refuse(self, exc: Exception, *, publish: bool = True) -> None:
+        """Record a refusal in the reported state; ``publish=False`` when the caller (the
+        reconciler) publishes once anyway, so a refusal costs one ``reported``, not two."""
         log.warning("desired state refused: %s", exc)
         self.status.last_result = "refused"
         self.status.last_error = f"desired state refused: {exc}"
-        self._publish_reported_threadsafe()
+        if publish:
+            self._publish_reported_threadsafe()
 
     def reconcile(self, state: DesiredState) -> None:
         """Worker thread: run every update this state asks for, one at a time.
@@ -383,7 +386,7 @@ class Agent:
                     await loop.run_in_executor(None, self._publish_reported)
                     await asyncio.sleep(delay)
                 except ArtifactError as exc:
-                    self._refuse(exc)
+                    self._refuse(exc, publish=False)  # published below, once
                     break
                 except AgentError as exc:
                     log.error("update of sequence %d failed: %s", state.sequence, exc)

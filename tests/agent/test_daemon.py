@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import load_config
 from agent.daemon.app import Agent, load_provisioning
-from agent.errors import ConfigError, TransportError
+from agent.errors import ArtifactError, ConfigError, TransportError
 from agent.protocol.messages import DesiredModel, DesiredState, Reported, RunningModel
 from agent.protocol.signed import sign_desired
 from agent.updater.runner import UpdateReport
@@ -225,6 +225,23 @@ def test_an_update_that_finished_is_reported_before_a_transient_wait(fleet: Flee
     assert (first.applied_sequence, first.last_result) == (0, "ok")
     # ... and once "b" is done too, the sequence is applied
     assert (last.applied_sequence, last.last_result) == (6, "ok")
+
+
+class RefusingRunner(ScriptedRunner):
+    """The runner seam refusing the artifact, as a tampered download is refused."""
+
+    def start(self, model: DesiredModel, sequence: int) -> None:
+        raise ArtifactError(f"{model.name} {model.version}: sha256 differs from the target's")
+
+
+def test_a_refused_artifact_sends_one_reported_that_says_why(agent: Agent) -> None:
+    agent.runner = RefusingRunner(agent)  # type: ignore[assignment]
+    link = asyncio.run(_reconcile(agent, replace(state(seq=5), models=(_model("digits"),))))
+    (sent,) = link.reported()
+    assert [k for k, _, _ in link.published] == ["reported"]
+    assert sent.last_result == "refused"
+    assert sent.last_error == ("desired state refused: digits 2: sha256 differs from the "
+                               "target's")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,14 @@
   checked on construction; ``from_dict``/``to_dict`` and the ``"5%,25%,100%"`` shorthand.
 - :mod:`fleet_server.rollout.planner`: :func:`plan` (state + reports + clock + commands ->
   new state + actions), :func:`desired` and :func:`summary` (per-device outcomes frozen once
-  a rollout ended). Pure: no I/O, no clock reads.
+  a rollout ended). Pure: no I/O, no clock reads. It re-exports the names of the three
+  modules it was split into:
+- :mod:`fleet_server.rollout.gates`: how a device's outcome (:func:`outcome`) and a wave's
+  gates are judged, and the health gates' :func:`quorum` (pure).
+- :mod:`fleet_server.rollout.messages`: :class:`DeviceReport`, the commands and the actions
+  (:class:`GateReport` among them) that go into and come out of :func:`plan`.
+- :mod:`fleet_server.rollout.state`: :class:`RolloutState`, its :class:`Assignment` rows and
+  statuses, persisted through ``to_dict``/``from_dict`` (``state_version``).
 - :mod:`fleet_server.rollout.health`: a device's requests, errors, p95 and drift on one model
   version, folded from the metrics and drift record bodies it sent (pure).
 

@@ -14,7 +14,7 @@ How many devices a wave holds is decided by the planner from the number of selec
 ``n`` at the time: a fraction ``f`` gives ``ceil(f * n)`` devices but at least 1 (5% of 7 is
 1); a count is capped at ``n``; a wave never holds fewer than the wave before it.
 
-:class:`Gates` says when a wave has passed or failed (see :mod:`fleet_server.rollout.planner`
+:class:`Gates` says when a wave has passed or failed (see :mod:`fleet_server.rollout.gates`
 for the exact semantics); ``on_failure`` says whether a failed gate pauses the rollout or
 rolls it back.
 

@@ -31,7 +31,7 @@ from fleet_server.deploy.views import load_artifacts, load_devices
 from fleet_server.monitoring import list_alerts
 from fleet_server.registry import devices, models
 from fleet_server.rollout import RolloutSpec
-from fleet_server.rollout.planner import ACTIVE
+from fleet_server.rollout.state import ACTIVE
 
 __all__ = [
     "AuditPage",

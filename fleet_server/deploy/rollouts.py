@@ -54,7 +54,7 @@ from fleet_server.rollout import (
     summary,
 )
 from fleet_server.rollout.health import DRIFT_KIND, METRICS_KIND, Health, aggregate
-from fleet_server.rollout.planner import ACTIVE
+from fleet_server.rollout.state import ACTIVE
 
 __all__ = [
     "ACTIVE",

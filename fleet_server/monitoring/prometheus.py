@@ -46,7 +46,7 @@ from fleet_server.db.engine import reading
 from fleet_server.fleet import Fleet
 from fleet_server.ingest import IngestCounters
 from fleet_server.monitoring.views import running_models
-from fleet_server.rollout.planner import STATUSES
+from fleet_server.rollout.state import STATUSES
 
 __all__ = ["NAMESPACE", "FleetCollector", "make_registry"]
 

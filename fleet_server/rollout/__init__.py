@@ -22,9 +22,9 @@ Errors: :class:`SpecError` (a bad spec) and :class:`CommandError` (a command the
 status does not allow) are both ``ValueError``; the API maps them to 422 and 409.
 """
 
-from fleet_server.rollout.planner import (
+from fleet_server.rollout.gates import outcome
+from fleet_server.rollout.messages import (
     Action,
-    Assignment,
     AssignVersion,
     Cancel,
     Command,
@@ -39,17 +39,13 @@ from fleet_server.rollout.planner import (
     RolloutPaused,
     RolloutResumed,
     RolloutRolledBack,
-    RolloutState,
     RolloutSuperseded,
     Supersede,
     WaveAdvanced,
-    assignment_order,
-    desired,
-    outcome,
-    plan,
-    summary,
 )
+from fleet_server.rollout.planner import assignment_order, desired, plan, summary
 from fleet_server.rollout.spec import Gates, RolloutSpec, SpecError, WaveSpec, parse_waves
+from fleet_server.rollout.state import Assignment, RolloutState
 
 __all__ = [
     "Action",

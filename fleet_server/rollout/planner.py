@@ -16,8 +16,8 @@ in the state but is inactive: it counts nowhere and is not reverted.
 How a device's outcome and a wave's gates are judged is :mod:`fleet_server.rollout.gates`
 (:func:`outcome`, :func:`quorum`); the reports, commands and actions are
 :mod:`fleet_server.rollout.messages`, and the persisted :class:`RolloutState` (with its
-statuses) is :mod:`fleet_server.rollout.state`. This module re-exports all of them, so
-``fleet_server.rollout.planner`` still names everything it did before the split.
+statuses) is :mod:`fleet_server.rollout.state`. The package (:mod:`fleet_server.rollout`)
+exports the public names of all four.
 
 All gates pass -> the next wave starts (:class:`WaveAdvanced`; an empty wave passes at once)
 or, after the last one, :class:`RolloutCompleted`. A gate fails -> ``on_failure``: ``pause``
@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
-from fleet_server.rollout.gates import FAILED_RESULTS, judge, outcome, quorum
+from fleet_server.rollout.gates import judge, outcome
 from fleet_server.rollout.messages import (
     Action,
     AssignVersion,
@@ -53,7 +53,6 @@ from fleet_server.rollout.messages import (
     Command,
     CommandError,
     DeviceReport,
-    GateReport,
     Pause,
     Resume,
     RevertDevice,
@@ -67,54 +66,9 @@ from fleet_server.rollout.messages import (
     WaveAdvanced,
 )
 from fleet_server.rollout.spec import RolloutSpec
-from fleet_server.rollout.state import (
-    ACTIVE,
-    ENDED,
-    OUTCOMES,
-    STATE_VERSION,
-    STATUSES,
-    Assignment,
-    Outcome,
-    RolloutState,
-    Status,
-)
+from fleet_server.rollout.state import ACTIVE, Assignment, RolloutState
 
-__all__ = [
-    "ACTIVE",
-    "ENDED",
-    "FAILED_RESULTS",
-    "OUTCOMES",
-    "STATE_VERSION",
-    "STATUSES",
-    "Action",
-    "AssignVersion",
-    "Assignment",
-    "Cancel",
-    "Command",
-    "CommandError",
-    "DeviceReport",
-    "GateReport",
-    "Outcome",
-    "Pause",
-    "Resume",
-    "RevertDevice",
-    "RolloutCancelled",
-    "RolloutCompleted",
-    "RolloutPaused",
-    "RolloutResumed",
-    "RolloutRolledBack",
-    "RolloutState",
-    "RolloutSuperseded",
-    "Status",
-    "Supersede",
-    "WaveAdvanced",
-    "assignment_order",
-    "desired",
-    "outcome",
-    "plan",
-    "quorum",
-    "summary",
-]
+__all__ = ["assignment_order", "desired", "plan", "summary"]
 
 # ---------------------------------------------------------------------------------------------
 # pure helpers

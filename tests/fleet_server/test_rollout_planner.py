@@ -44,7 +44,7 @@ from fleet_server.rollout import (
     plan,
     summary,
 )
-from fleet_server.rollout.planner import quorum
+from fleet_server.rollout.gates import quorum
 
 OLD, NEW = "v1", "v2"
 

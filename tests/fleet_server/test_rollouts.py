@@ -47,7 +47,7 @@ from fleet_server.fleet import Fleet, init_data_dir, open_fleet
 from fleet_server.registry import devices
 from fleet_server.rollout import RolloutSpec
 from fleet_server.rollout.health import DRIFT_KIND, METRICS_KIND
-from fleet_server.rollout.planner import STATUSES
+from fleet_server.rollout.state import STATUSES
 from fleet_server.runtime import MqttRuntime
 from fleet_server.settings import Settings
 

@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
 RolloutId = Annotated[int, PathParam(ge=1, le=MAX_INT64, description="the rollout's id (that "
                                                                       "of its deployment)")]
-#: fleet_server.rollout.planner.STATUSES (a test checks they agree)
+#: fleet_server.rollout.state.STATUSES (a test checks they agree)
 StatusQuery = Literal["running", "paused", "completed", "rolled_back", "cancelled",
                       "superseded"]
 

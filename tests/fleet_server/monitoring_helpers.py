@@ -5,6 +5,7 @@ real agent code produces, through the real ingest.
   ``model_tools`` does (:func:`model_tools.baseline.compute_baseline`); :meth:`Digits.windows`
   feeds traffic through a real :class:`agent.drift.DriftMonitor` and returns the bodies;
 - :func:`metrics_body` is one interval of a real :class:`agent.metrics.RequestMetrics`;
+- :class:`Receiver` is a real HTTP server on loopback for webhook deliveries;
 - :class:`Fleetlet` is a data directory with devices and ``digits`` artifacts whose manifests
   carry that baseline, and sends device messages through
   :func:`fleet_server.ingest.handle_message` at a chosen server time.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +174,46 @@ class Fleetlet:
 
     def close(self) -> None:
         self.fleet.engine.dispose()
+
+
+class Receiver:
+    """A real HTTP server on loopback answering each POST with the next scripted status (200
+    once the script runs out); ``received`` holds (status, body, headers, path) per POST."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.received: list[tuple[int, dict[str, Any], dict[str, str], str]] = []
+        self.answered = threading.Semaphore(0)
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                receiver.received.append((status, body, dict(self.headers), self.path))
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"no")
+                receiver.answered.release()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/edgefleet"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def paths(self) -> list[str]:
+        """The path of each POST, in order."""
+        return [r[3] for r in self.received]
+
+    def wait(self, n: int) -> None:
+        for _ in range(n):
+            assert self.answered.acquire(timeout=30), f"got {len(self.received)} requests"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -7,9 +7,7 @@ gate and a drift alert reading the same numbers.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from monitoring_helpers import (
     START,
     Digits,
     Fleetlet,
+    Receiver,
     metrics_body,
     trained_digits,
 )
@@ -303,43 +302,6 @@ def test_the_maintenance_pass_evaluates_the_rules(
 
 
 # ------------------------------------------------------------------------------- webhooks
-class Receiver:
-    """A real HTTP server on loopback answering each POST with the next scripted status."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.received: list[tuple[int, dict[str, Any], dict[str, str]]] = []
-        self.answered = threading.Semaphore(0)
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                receiver.received.append((status, body, dict(self.headers)))
-                self.send_response(status)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"no")
-                receiver.answered.release()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/edgefleet"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def wait(self, n: int) -> None:
-        for _ in range(n):
-            assert self.answered.acquire(timeout=30), f"got {len(self.received)} requests"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
     r = Receiver(list(request.param))

@@ -7,15 +7,13 @@ loopback and real error-rate alerts through the real ingest.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from monitoring_helpers import MODEL, PUBLISHER, START, Fleetlet, metrics_body
+from monitoring_helpers import MODEL, PUBLISHER, START, Fleetlet, Receiver, metrics_body
 from pydantic import ValidationError
 from sqlalchemy import select
 
@@ -100,39 +98,9 @@ def test_settings_default_to_no_list_and_read_json_from_the_environment(
 
 
 # ------------------------------------------------------------------------------- enforcement
-class Receiver:
-    """A real HTTP server on loopback that answers 200 and counts the POSTs."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                with receiver.lock:
-                    receiver.paths.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/edgefleet"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    r = Receiver()
+    r = Receiver([])
     yield r
     r.close()
 

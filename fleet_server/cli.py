@@ -270,10 +270,13 @@ def init(data_dir: Path, as_json: bool) -> None:
               help="Keep device telemetry and drift records this many days after they "
                    "arrive; 0 keeps them forever (default 30; env "
                    "EDGEFLEET_RECORD_RETENTION_DAYS).")
-@click.option("--webhook-allow", "webhook_allow", multiple=True, metavar="HOST|URL",
+@click.option("--webhook-allow", "webhook_allow", multiple=True, metavar="HOST|URL|CIDR",
               help="Where alert webhooks may POST (repeatable): a host, *.domain, IP "
-                   "address or http(s):// URL prefix. Unset: any URL, with a warning (env "
-                   "EDGEFLEET_WEBHOOK_ALLOW as a JSON list).")
+                   "address, CIDR network or http(s):// URL prefix. With a list, names are "
+                   "resolved at send time and loopback, link local, private and other "
+                   "internal addresses are refused unless an IP or CIDR entry names them. "
+                   "Unset: any URL, with a warning (env EDGEFLEET_WEBHOOK_ALLOW as a JSON "
+                   "list).")
 @click.option("--ingest-parse-workers", "ingest_parse_workers", type=click.IntRange(0, 64),
               metavar="N",
               help="Processes that parse device telemetry once ingest falls behind; 0 parses "

@@ -50,7 +50,7 @@ from fleet_server.deploy.service import publish_pending
 from fleet_server.errors import FleetError, InvalidInput, PayloadTooLarge, Unauthenticated
 from fleet_server.fleet import Fleet, Publisher, open_fleet
 from fleet_server.ingest import IngestCounters
-from fleet_server.monitoring import make_registry
+from fleet_server.monitoring import RecordRetention, make_registry
 from fleet_server.settings import Settings
 
 __all__ = ["API_VERSION", "JSON_BODY_LIMIT", "Hook", "create_app"]
@@ -250,7 +250,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         runtime = getattr(app.state, "mqtt", None)  # set by fleet_server.runtime.attach_mqtt
         return runtime.counters if runtime is not None else None
 
-    app.state.prometheus = make_registry(lambda: app.state.fleet, counters)
+    def retention() -> RecordRetention | None:
+        runtime = getattr(app.state, "mqtt", None)
+        return runtime.retention if runtime is not None else None
+
+    app.state.prometheus = make_registry(lambda: app.state.fleet, counters, retention)
     app.add_middleware(_BodyLimit, limit=JSON_BODY_LIMIT, exempt=("POST", models.router.prefix))
     _document_limits(app, settings)
     mount_dashboard(app)  # read-only pages under /ui/, left out of /openapi.json

@@ -61,7 +61,10 @@ device, model, version or rule), ``InvalidInput`` (a bad range, input, feature o
 ``StoreError`` (the database failed).
 
 Records are kept ``record_retention_days`` (:class:`RecordRetention`, run by the maintenance
-pass); webhook URLs are limited by ``webhook_allow`` (:class:`WebhookAllowList`).
+pass, counted in :class:`~fleet_server.monitoring.retention.PruneCounters` for ``/metrics``);
+webhook URLs are limited by ``webhook_allow`` (:class:`WebhookAllowList`), by name when a rule
+is made and by name and resolved address before each POST
+(:mod:`fleet_server.monitoring.webhook_target`).
 """
 
 from fleet_server.monitoring.alerting import (

@@ -11,6 +11,7 @@ entry                              allows
 ``hooks.example.com``              that host, exactly (http or https, any port)
 ``*.example.com``                  any host under ``example.com`` (not itself)
 ``10.0.0.7`` / ``[fd00::7]``       that IP address
+``10.20.0.0/16`` / ``fd00::/8``    the addresses of that network (CIDR)
 ``https://hooks.example.com/ef/``  URLs with that scheme, host and port whose path is
                                    the prefix's path or below it (``/ef/...``)
 =================================  ===================================================
@@ -19,10 +20,19 @@ Hosts compare case-insensitively, and a URL's host is what :func:`urllib.parse.u
 finds, so ``https://hooks.example.com@evil.example/`` is ``evil.example``. A prefix entry
 matches at a path-segment boundary (``https://h/ef`` allows ``/ef`` and ``/ef/x``, never
 ``/efx``), and a URL whose path holds a ``.`` or ``..`` segment (also percent-encoded) never
-matches one. Names are compared as written: the list says which *names* may be used, not
-which addresses they resolve to (DNS is the operator's).
+matches one.
 
-Unset (``None``), every http(s) URL is allowed and ``serve`` says so at start. That is the
+Names are only half of it: a permitted name may resolve to an internal address (by mistake,
+or because whoever controls its DNS wants it to). So the sender resolves the name once, right
+before each POST, checks every address with :meth:`WebhookAllowList.address_refusal`, and
+connects to the address it checked (:mod:`fleet_server.monitoring.webhook_target`): an
+unspecified, loopback, link-local, multicast, private, reserved or otherwise non-global
+address is refused unless the list *names* it, as an IP address (also as the host of a URL
+prefix) or inside a CIDR network. An IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) is
+judged as the IPv4 address it carries.
+
+Unset (``None``), every http(s) URL is allowed, to whatever address its name resolves, and
+``serve`` says so at start. That is the
 default because the tokens that may add rules (publisher, admin) may already deploy models
 to every device, and a webhook to an arbitrary receiver (Slack, PagerDuty, a lab's own
 endpoint) is what most first setups need; an empty list allows none. Production setups
@@ -46,6 +56,18 @@ from fleet_server.errors import InvalidInput
 __all__ = ["WebhookAllowList", "check_webhook_url"]
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _special(ip: _Address) -> str | None:
+    """What makes ``ip`` an internal address (``"loopback"``, ...), or None if it is global."""
+    for name, flag in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
+                       ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+                       ("private", ip.is_private), ("reserved", ip.is_reserved)):
+        if flag:
+            return name
+    return None if ip.is_global else "non-global"
 
 
 def _host(text: str) -> str | None:
@@ -92,15 +114,18 @@ class WebhookAllowList:
     hosts: frozenset[str]
     suffixes: tuple[str, ...]  # ".example.com" for "*.example.com"
     prefixes: tuple[_Prefix, ...]
+    networks: tuple[_Network, ...]  # named addresses (as /32 or /128) and CIDR entries
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> WebhookAllowList:
-        """Raises: ValueError: an entry is neither a host, ``*.domain``, an IP address nor
-        an http(s) URL prefix without user, query or fragment (the message names it)."""
+        """Raises: ValueError: an entry is neither a host, ``*.domain``, an IP address, a
+        CIDR network nor an http(s) URL prefix without user, query or fragment (the message
+        names it)."""
         given = tuple(entries)
         hosts: set[str] = set()
         suffixes: list[str] = []
         prefixes: list[_Prefix] = []
+        networks: list[_Network] = []
         for entry in given:
             def bad(expected: str, entry: str = entry) -> ValueError:
                 return ValueError(f"webhook_allow entry {entry!r}: expected {expected}")
@@ -123,6 +148,13 @@ class WebhookAllowList:
                     raise bad("a path without '.' or '..' segments")
                 prefixes.append(_Prefix(parts.scheme, host, _port(parts.scheme, port),
                                         parts.path.rstrip("/")))
+                networks.extend(_as_network(host))
+            elif "/" in entry:
+                try:
+                    networks.append(ipaddress.ip_network(entry, strict=True))
+                except ValueError as exc:
+                    raise bad(f"a CIDR network such as 10.20.0.0/16 or an http(s):// URL "
+                              f"prefix ({exc})") from exc
             elif entry.startswith("*."):
                 domain = _host(entry[2:])
                 if domain is None or "." not in domain:
@@ -133,7 +165,8 @@ class WebhookAllowList:
                 if host is None:
                     raise bad("a host name, *.domain, IP address or http(s):// URL prefix")
                 hosts.add(host)
-        return cls(given, frozenset(hosts), tuple(suffixes), tuple(prefixes))
+                networks.extend(_as_network(host))
+        return cls(given, frozenset(hosts), tuple(suffixes), tuple(prefixes), tuple(networks))
 
     def allows(self, url: str) -> bool:
         """Whether a webhook may POST to ``url`` (never raises: a URL that does not parse is
@@ -148,11 +181,49 @@ class WebhookAllowList:
             return False
         if host in self.hosts or any(host.endswith(s) for s in self.suffixes):
             return True
+        ip = _as_address(host)
+        if ip is not None and any(ip in n for n in self.networks):
+            return True
         if _has_dot_segment(parts.path):
             return False
         path = parts.path
         return any(p.scheme == parts.scheme and p.host == host and p.port == port and (
             path == p.path or path.startswith(p.path + "/")) for p in self.prefixes)
+
+    def address_refusal(self, address: str) -> str | None:
+        """Why a webhook may not connect to ``address``, or None if it may: an internal
+        address (loopback, private, ...: module docstring) the list does not name.
+
+        Raises:
+            ValueError: ``address`` is not an IP address.
+        """
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in n for n in self.networks):
+            return None
+        kind = _special(ip)
+        if kind is None:
+            return None
+        return (f"{address} is a {kind} address, and the server's webhook_allow list "
+                f"[{', '.join(self.entries)}] names neither it nor a network holding it")
+
+
+def _as_address(host: str) -> _Address | None:
+    """``host`` as an IP address (IPv4-mapped IPv6 as IPv4), or None if it is a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _as_network(host: str) -> list[_Network]:
+    """``[host/32]`` (or ``/128``) if ``host`` is an IP address, else ``[]``."""
+    ip = _as_address(host)
+    return [] if ip is None else [ipaddress.ip_network(ip)]
 
 
 def check_webhook_url(allow: WebhookAllowList | None, url: str | None) -> None:

@@ -23,10 +23,16 @@ edgefleet_ingest_rejected_total        counter  reason: oversized, malformed, fo
 edgefleet_acks_sent_total              counter  acks published to devices
 edgefleet_ingest_parse_restarts_total  counter  parse processes replaced (died or hung)
 edgefleet_ingest_parse_reparsed_messages_total  counter  messages re-parsed in-thread for them
+edgefleet_records_pruned_total         counter  stream: device records deleted by retention
+edgefleet_retention_runs_total         counter  retention runs (also those deleting nothing)
+edgefleet_retention_last_run_timestamp_seconds    gauge  server time of the last run
+edgefleet_retention_last_prune_timestamp_seconds  gauge  ... of the last run that deleted rows
 =====================================  =======  ==============================================
 
 The counters start at 0 with the server process (``serve``); without an MQTT runtime (an
-app serving only the API) they are absent.
+app serving only the API) they are absent. The retention metrics
+(:class:`~fleet_server.monitoring.retention.PruneCounters`) are absent too while retention is
+off (``record_retention_days`` 0), and each timestamp until its first run.
 
 ``GET /metrics`` serves it with a reader-scope bearer token (Prometheus: ``authorization:
 {type: Bearer, credentials_file: ...}`` in the scrape config).
@@ -45,6 +51,7 @@ from fleet_server.db import tables
 from fleet_server.db.engine import reading
 from fleet_server.fleet import Fleet
 from fleet_server.ingest import IngestCounters
+from fleet_server.monitoring.retention import STREAMS, RecordRetention
 from fleet_server.monitoring.views import running_models
 from fleet_server.rollout.state import STATUSES
 
@@ -61,12 +68,15 @@ class FleetCollector(Collector):
     Args:
         fleet: the app's open Fleet, or None (outside its lifespan: nothing to read).
         counters: the ingest counters of the app's MQTT runtime, or None.
+        retention: the record retention of the app's MQTT runtime, or None.
     """
 
     def __init__(self, fleet: Callable[[], Fleet | None],
-                 counters: Callable[[], IngestCounters | None]) -> None:
+                 counters: Callable[[], IngestCounters | None],
+                 retention: Callable[[], RecordRetention | None] | None = None) -> None:
         self._fleet = fleet
         self._counters = counters
+        self._retention = retention
 
     def collect(self) -> Iterator[Metric]:
         """Raises: StoreError: the database failed (the scrape fails, visibly)."""
@@ -76,6 +86,9 @@ class FleetCollector(Collector):
         counters = self._counters()
         if counters is not None:
             yield from self._ingest_counters(counters.snapshot())
+        retention = self._retention() if self._retention is not None else None
+        if retention is not None and retention.keep_s > 0:
+            yield from self._retention_metrics(retention.counters.snapshot())
 
     def _fleet_gauges(self, fleet: Fleet) -> Iterator[Metric]:
         d, r, a, w = (tables.devices.c, tables.rollouts.c, tables.alerts.c,
@@ -155,10 +168,31 @@ class FleetCollector(Collector):
                                   "process.", value=snap["parse_reparsed"])
 
 
+    def _retention_metrics(self, snap: dict[str, Any]) -> Iterator[Metric]:
+        c = CounterMetricFamily(f"{NAMESPACE}_records_pruned", "Device records deleted by the "
+                                "record retention, by stream.", labels=["stream"])
+        for stream in sorted({*STREAMS, *snap["pruned"]}):
+            c.add_metric([stream], snap["pruned"].get(stream, 0))
+        yield c
+        yield CounterMetricFamily(f"{NAMESPACE}_retention_runs", "Record retention runs, "
+                                  "also those that found nothing to delete.",
+                                  value=snap["runs"])
+        if snap["last_run_at"] is not None:
+            yield GaugeMetricFamily(f"{NAMESPACE}_retention_last_run_timestamp_seconds",
+                                    "Server time of the last record retention run.",
+                                    value=snap["last_run_at"])
+        if snap["last_prune_at"] is not None:
+            yield GaugeMetricFamily(f"{NAMESPACE}_retention_last_prune_timestamp_seconds",
+                                    "Server time of the last record retention run that "
+                                    "deleted records.", value=snap["last_prune_at"])
+
+
 def make_registry(fleet: Callable[[], Fleet | None],
-                  counters: Callable[[], IngestCounters | None]) -> CollectorRegistry:
-    """A private registry holding one :class:`FleetCollector` over ``fleet`` and
-    ``counters`` (read at each scrape)."""
+                  counters: Callable[[], IngestCounters | None],
+                  retention: Callable[[], RecordRetention | None] | None = None,
+                  ) -> CollectorRegistry:
+    """A private registry holding one :class:`FleetCollector` over ``fleet``, ``counters``
+    and ``retention`` (read at each scrape)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet, counters))
+    registry.register(FleetCollector(fleet, counters, retention))
     return registry

@@ -18,7 +18,11 @@ reads it) at or before ``now - keep_s``:
 - **at most every** ``every_s`` (an hour) once the backlog is done: records age by the
   second, but pruning by the hour keeps the pass cheap and the audit log short.
 - **audited**: each run that deleted something appends ``device_records.prune`` to the audit
-  log (rows deleted, cut-off, whether the backlog is done) and logs the same line.
+  log (rows deleted, per stream, cut-off, whether the backlog is done) and logs the same line.
+- **counted**: :attr:`RecordRetention.counters` (:class:`PruneCounters`) adds up the rows
+  deleted per stream and keeps the time of the last run and of the last run that deleted
+  something, since the process started; ``/metrics`` reads them
+  (:mod:`fleet_server.monitoring.prometheus`).
 
 What ack bookkeeping needs is never deleted. ``stream_acks.upto_seq`` is the highest
 *contiguous* sequence stored per (device, stream); a record above it sits past a gap, and
@@ -45,7 +49,8 @@ days as the longest window they use.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -55,7 +60,8 @@ from fleet_server import audit
 from fleet_server.db import atomic, tables
 from fleet_server.db.engine import reading
 
-__all__ = ["ACTOR", "CHUNK_ROWS", "EVERY_S", "MAX_ROWS", "PruneReport", "RecordRetention"]
+__all__ = ["ACTOR", "CHUNK_ROWS", "EVERY_S", "MAX_ROWS", "STREAMS", "PruneCounters",
+           "PruneReport", "RecordRetention"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,8 @@ MAX_ROWS: Final = 200_000
 EVERY_S: Final = 3600
 #: the audit actor of a prune
 ACTOR: Final = "fleet_server retention"
+#: the record streams, each counted even before it had anything pruned
+STREAMS: Final = ("telemetry", "drift")
 _DAY: Final = 86400
 
 
@@ -78,10 +86,45 @@ class PruneReport:
     deleted: int  # rows deleted
     chunks: int  # write transactions
     complete: bool  # False: stopped at max_rows; the next pass goes on
+    by_stream: Mapping[str, int]  # rows deleted per stream (only streams with deletions)
 
     def to_dict(self) -> dict[str, Any]:
         return {"cutoff": self.cutoff, "deleted": self.deleted, "chunks": self.chunks,
-                "complete": self.complete}
+                "complete": self.complete, "by_stream": dict(sorted(self.by_stream.items()))}
+
+
+class PruneCounters:
+    """What the retention did since the process started, for ``/metrics`` (thread-safe: the
+    maintenance pass adds, a scrape reads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pruned: dict[str, int] = dict.fromkeys(STREAMS, 0)
+        self._runs = 0
+        self._last_run_at: int | None = None
+        self._last_prune_at: int | None = None
+
+    def deleted(self, by_stream: Mapping[str, int]) -> None:
+        """Count rows whose delete committed (called per chunk, so a run that fails later
+        still counts what it deleted)."""
+        with self._lock:
+            for stream, n in by_stream.items():
+                self._pruned[stream] = self._pruned.get(stream, 0) + n
+
+    def ran(self, now: int, deleted: int) -> None:
+        """Count one finished run at ``now`` that deleted ``deleted`` rows."""
+        with self._lock:
+            self._runs += 1
+            self._last_run_at = now
+            if deleted:
+                self._last_prune_at = now
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{pruned: {stream: rows}, runs, last_run_at, last_prune_at}`` (times: server
+        unix seconds, None before the first run / the first run that deleted rows)."""
+        with self._lock:
+            return {"pruned": dict(self._pruned), "runs": self._runs,
+                    "last_run_at": self._last_run_at, "last_prune_at": self._last_prune_at}
 
 
 @dataclass(frozen=True)
@@ -119,6 +162,8 @@ class RecordRetention:
         self.every_s = every_s
         self.chunk_rows = chunk_rows
         self.max_rows = max_rows
+        #: rows pruned per stream and the time of the last runs, since the process started
+        self.counters = PruneCounters()
         self._next_at: int | None = None  # None: run at the first call
 
     @classmethod
@@ -153,7 +198,8 @@ class RecordRetention:
         if self.keep_s == 0:
             raise ValueError("retention is off (keep_s 0): nothing to run")
         cutoff = now - self.keep_s
-        deleted = chunks = 0
+        by_stream: dict[str, int] = {}
+        chunks = 0
         taken = 0  # rows found due in this run: what max_rows bounds
         batch: list[_Due] = []
         size = 0  # rows in batch
@@ -165,7 +211,7 @@ class RecordRetention:
                     taken += found
                     size += found
                     if size >= self.chunk_rows:  # found == room: there may be more
-                        deleted += self._delete(batch, cutoff)
+                        self._delete(batch, cutoff, by_stream)
                         chunks += 1
                         batch, size = [], 0
                     if found < room:
@@ -175,10 +221,11 @@ class RecordRetention:
             if taken >= self.max_rows:
                 break
         if batch:
-            deleted += self._delete(batch, cutoff)
+            self._delete(batch, cutoff, by_stream)
             chunks += 1
         complete = taken < self.max_rows
-        report = PruneReport(cutoff, deleted, chunks, complete)
+        deleted = sum(by_stream.values())
+        report = PruneReport(cutoff, deleted, chunks, complete, by_stream)
         if deleted:
             with atomic(self.engine) as conn:
                 audit.record(conn, at=now, actor=ACTOR, action="device_records.prune",
@@ -187,6 +234,7 @@ class RecordRetention:
             log.info("retention: deleted %d device record(s) received at or before %d in %d "
                      "transaction(s)%s", deleted, cutoff, chunks,
                      "" if complete else "; more next pass")
+        self.counters.ran(now, deleted)
         return report
 
     # ------------------------------------------------------------------ reads (no write lock)
@@ -234,15 +282,19 @@ class RecordRetention:
         return len(rows)
 
     # ------------------------------------------------------------------ one write transaction
-    def _delete(self, batch: Sequence[_Due], cutoff: int) -> int:
-        """Delete ``batch`` in one transaction; return the rows deleted. ``received_at`` is
-        checked again: a row is only ever deleted if it is still the old one."""
+    def _delete(self, batch: Sequence[_Due], cutoff: int, by_stream: dict[str, int]) -> None:
+        """Delete ``batch`` in one transaction; add the rows deleted to ``by_stream`` once it
+        committed. ``received_at`` is checked again: a row is only ever deleted if it is
+        still the old one."""
         c = tables.device_records.c
-        deleted = 0
+        counts: dict[str, int] = {}
         with atomic(self.engine) as conn:
             for due in batch:
                 result = conn.execute(delete(tables.device_records).where(
                     c.device_id == due.device_id, c.stream == due.stream,
                     c.received_at <= cutoff, c.seq.in_(due.seqs)))
-                deleted += max(0, int(result.rowcount))
-        return deleted
+                counts[due.stream] = counts.get(due.stream, 0) + max(0, int(result.rowcount))
+        counts = {stream: n for stream, n in counts.items() if n}
+        for stream, n in counts.items():
+            by_stream[stream] = by_stream.get(stream, 0) + n
+        self.counters.deleted(counts)

@@ -14,8 +14,14 @@ payload with httpx (``Content-Type: application/json``):
 
 Right before each POST the URL is checked against the server's ``webhook_allow`` list
 (:mod:`fleet_server.monitoring.allowlist`), given as ``allow``: a delivery queued before the
-list was narrowed fails without a request (one attempt row saying why). Redirects are never
-followed, so an allowed receiver cannot bounce the POST elsewhere.
+list was narrowed fails without a request (one attempt row saying why). With a list, the
+host is then resolved once through the injected ``resolver``, every address is checked, and
+the POST connects to the checked address (:func:`~fleet_server.monitoring.webhook_target.pin`):
+an internal address the list does not name fails the delivery without a request, a name that
+does not resolve is retried like any transient error. Both are logged and recorded on the
+delivery (``last_error``) and its attempt row. Redirects are never followed, so an allowed
+receiver cannot bounce the POST elsewhere; connections are not reused, so one made for one
+name never carries a POST for another.
 
 Every attempt is a row of ``webhook_attempts`` (when, HTTP status or error). Deliveries of one
 alert to one URL go out in order: a resolve never overtakes the fire it follows. Pending
@@ -39,6 +45,13 @@ from fleet_server.db import atomic, tables
 from fleet_server.db.engine import reading
 from fleet_server.errors import FleetError
 from fleet_server.monitoring.allowlist import WebhookAllowList
+from fleet_server.monitoring.webhook_target import (
+    Resolver,
+    Target,
+    WebhookTargetError,
+    pin,
+    system_resolver,
+)
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_CAP_S", "MAX_ATTEMPTS", "WebhookSender", "backoff_s",
            "is_fatal"]
@@ -82,15 +95,18 @@ class WebhookSender:
         transport: an httpx transport (tests may inject one; default: the network).
         timeout_s: per request (connect, read, write each).
         max_attempts: attempts before a delivery fails.
-        allow: the server's ``webhook_allow`` list (None: any URL; see
+        allow: the server's ``webhook_allow`` list (None: any URL, no address check; see
             ``Settings.webhook_allow_list``).
+        resolver: resolves a URL's host when ``allow`` is set (default: the system's
+            ``getaddrinfo``; tests inject one).
     """
 
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] | None = None,
                  transport: httpx.BaseTransport | None = None, timeout_s: float = 10.0,
                  max_attempts: int = MAX_ATTEMPTS,
-                 allow: WebhookAllowList | None = None) -> None:
+                 allow: WebhookAllowList | None = None,
+                 resolver: Resolver = system_resolver) -> None:
         self._engine = engine
         self._clock = clock
         self._wake = threading.Event()
@@ -100,6 +116,7 @@ class WebhookSender:
         self._http: httpx.Client | None = None  # made at the first attempt
         self._max_attempts = max_attempts
         self._allow = allow
+        self._resolve = resolver
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -181,28 +198,55 @@ class WebhookSender:
                 blocked.add(key)
         return delivered
 
+    @staticmethod
+    def _post(http: httpx.Client, row: Any, target: Target | None) -> httpx.Response:
+        """POST ``row``'s payload to its URL, or to ``target`` (its URL pinned to an address).
+
+        Raises:
+            httpx.HTTPError: no answer (caught by the caller).
+        """
+        headers = {"Content-Type": "application/json"}
+        if target is None:
+            return http.post(row.url, content=row.payload.encode("utf-8"), headers=headers)
+        headers["Host"] = target.host_header
+        return http.post(target.url, content=row.payload.encode("utf-8"), headers=headers,
+                         extensions=target.extensions())
+
     def _attempt(self, row: Any) -> bool:
         attempt = int(row.attempts) + 1
         status: int | None = None
         error: str | None = None
-        if self._http is None:
-            self._http = httpx.Client(transport=self._transport, timeout=self._timeout_s,
+        http = self._http
+        if http is None:
+            http = self._http = httpx.Client(transport=self._transport, timeout=self._timeout_s,
                                       follow_redirects=False, trust_env=False,
+                                      limits=httpx.Limits(max_keepalive_connections=0),
                                       headers={"User-Agent": _USER_AGENT})
         refused = self._allow is not None and not self._allow.allows(row.url)
+        targets: list[Target | None] = [None]  # None: the URL as it is (no list)
         if refused:
             entries = self._allow.entries if self._allow is not None else ()
             error = (f"not sent: the URL is outside the server's webhook_allow list "
                      f"[{', '.join(entries)}]")
-        else:
+        elif self._allow is not None:
             try:
-                response = self._http.post(row.url, content=row.payload.encode("utf-8"),
-                                           headers={"Content-Type": "application/json"})
+                targets = list(pin(row.url, self._allow, self._resolve))
+            except WebhookTargetError as exc:
+                error, refused = str(exc)[:500], not exc.transient
+                log.warning("alert webhook %s to %s: %s", row.id, row.url, error)
+        if error is None:
+            for target in targets:  # the checked addresses in order, while none connects
+                try:
+                    response = self._post(http, row, target)
+                except httpx.ConnectError as exc:  # nothing sent: the next address may do
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                    continue
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}: {exc}"[:500]
+                    break
                 status = response.status_code
-                if not 200 <= status < 300:
-                    error = f"HTTP {status}: {response.text[:200]}"
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"[:500]
+                error = None if 200 <= status < 300 else f"HTTP {status}: {response.text[:200]}"
+                break
         now = int(self._clock())
         ok = error is None
         if ok:

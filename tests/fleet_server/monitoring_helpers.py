@@ -5,7 +5,8 @@ real agent code produces, through the real ingest.
   ``model_tools`` does (:func:`model_tools.baseline.compute_baseline`); :meth:`Digits.windows`
   feeds traffic through a real :class:`agent.drift.DriftMonitor` and returns the bodies;
 - :func:`metrics_body` is one interval of a real :class:`agent.metrics.RequestMetrics`;
-- :class:`Receiver` is a real HTTP server on loopback for webhook deliveries;
+- :class:`Receiver` is a real HTTP server on loopback for webhook deliveries (https with a
+  :func:`tls_pair` certificate);
 - :class:`Fleetlet` is a data directory with devices and ``digits`` artifacts whose manifests
   carry that baseline, and sends device messages through
   :func:`fleet_server.ingest.handle_message` at a chosen server time.
@@ -13,8 +14,11 @@ real agent code produces, through the real ingest.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
+import ssl
+import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -180,7 +184,7 @@ class Receiver:
     """A real HTTP server on loopback answering each POST with the next scripted status (200
     once the script runs out); ``received`` holds (status, body, headers, path) per POST."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], tls: ssl.SSLContext | None = None) -> None:
         self.statuses = statuses
         self.received: list[tuple[int, dict[str, Any], dict[str, str], str]] = []
         self.answered = threading.Semaphore(0)
@@ -201,7 +205,11 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/edgefleet"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = int(self.server.server_address[1])
+        self.url = (f"{'http' if tls is None else 'https'}://127.0.0.1:{self.port}"
+                    f"/hooks/edgefleet")
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -217,3 +225,35 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def tls_pair(host: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A self-signed certificate for ``host``: (the server's context, a client context that
+    trusts only it and checks the name)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    with tempfile.TemporaryDirectory() as tmp:  # load_cert_chain reads files only
+        cert_file, key_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_file.write_bytes(pem)
+        key_file.write_bytes(key_pem)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cadata=pem.decode("ascii"))
+    return server, client

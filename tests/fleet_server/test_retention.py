@@ -81,7 +81,10 @@ def test_old_records_are_deleted_in_chunks_and_the_prune_is_audited(
     assert report.chunks == 3  # 15 rows in chunks of at most 5
     assert stored(f, "pi-1") == [13, 14] and stored(f, "pi-2") == []
     assert prunes(f) == [{"actor": ACTOR, "cutoff": START + 5, "deleted": 15, "chunks": 3,
-                          "complete": True, "keep_s": KEEP}]
+                          "complete": True, "by_stream": {"telemetry": 15}, "keep_s": KEEP}]
+    assert retention.counters.snapshot() == {
+        "pruned": {"telemetry": 15, "drift": 0}, "runs": 2, "last_run_at": START + KEEP + 5,
+        "last_prune_at": START + KEEP + 5}
     # the ack positions stay: they are what de-duplication and the next ack build on
     assert acked(send(f, "pi-2", [4], at=START + KEEP + 10)) == 4
 

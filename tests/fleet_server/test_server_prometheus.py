@@ -32,12 +32,24 @@ from agent.protocol.provisioning import Provisioning
 from agent.protocol.topics import device_topic
 from fleet_server import auth
 from fleet_server.api.app import create_app
+from fleet_server.auth import Principal
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import init_data_dir
+from fleet_server.ingest import handle_message
+from fleet_server.registry import devices
 from fleet_server.runtime import attach_mqtt
 from fleet_server.settings import Settings
 
 WAIT = 10.0
+DAY = 86400
+
+
+class Clock:
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return float(self.now)
 
 
 @pytest.fixture
@@ -191,3 +203,60 @@ def test_two_apps_in_one_process_keep_their_own_numbers(tmp_path: Path) -> None:
             got = scrape(client, admin)
         seen.append(sample(got, "edgefleet_devices", state="offline"))
     assert seen == [1, 2]
+
+
+def test_pruned_records_are_counted_per_stream_with_the_time_of_the_last_prune(
+        tmp_path: Path) -> None:
+    """The serve runtime's retention, run by its maintenance pass on an injected clock."""
+    clock = Clock(int(time.time()))
+    start = clock.now
+    settings = Settings(data_dir=tmp_path / "data", mqtt_port=0, record_retention_days=30)
+    init_data_dir(settings, clock=clock)
+    app = create_app(settings, clock=clock)
+    attach_mqtt(app, maintenance_interval_s=3600)
+    with TestClient(app) as client:
+        fleet, runtime = app.state.fleet, app.state.mqtt
+        with atomic(fleet.engine) as conn:
+            devices.provision(fleet, conn, device_id="pi", profile="rpi4", tags=[],
+                              actor=Principal("t", "test", "admin"))
+            _, reader = auth.create_token(conn, name="p", scope="reader", now=clock.now)
+
+        def receive(stream: str, seqs: range, at: int) -> None:
+            cls = TelemetryBatch if stream == "telemetry" else DriftBatch
+            batch = cls(device_id="pi", records=tuple(
+                Record(seq=s, kind=METRICS_KIND, at=at, body={"s": s}) for s in seqs))
+            assert handle_message(fleet, device_topic("pi", stream), batch.to_bytes(),
+                                  now=at).stored == len(seqs)
+
+        receive("telemetry", range(1, 6), start)
+        receive("drift", range(1, 3), start)
+        receive("telemetry", range(6, 8), start + 20 * DAY)
+        before = scrape(client, reader)
+        assert sample(before, "edgefleet_records_pruned_total", stream="telemetry") == 0
+        assert sample(before, "edgefleet_records_pruned_total", stream="drift") == 0
+        assert sample(before, "edgefleet_retention_runs_total") == 0
+        assert not [n for n, _ in before if n.startswith("edgefleet_retention_last_")]
+
+        clock.now = start + 31 * DAY
+        assert runtime.maintain_once()["pruned"] == 7
+        clock.now += 2 * 3600  # the next run is due an hour later; it finds nothing
+        assert runtime.maintain_once()["pruned"] == 0
+        got = scrape(client, reader)
+    assert sample(got, "edgefleet_records_pruned_total", stream="telemetry") == 5
+    assert sample(got, "edgefleet_records_pruned_total", stream="drift") == 2
+    assert sample(got, "edgefleet_retention_runs_total") == 2
+    assert sample(got, "edgefleet_retention_last_prune_timestamp_seconds") == start + 31 * DAY
+    assert sample(got, "edgefleet_retention_last_run_timestamp_seconds") == clock.now
+
+
+def test_retention_metrics_are_absent_while_retention_is_off(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", mqtt_port=0, record_retention_days=0)
+    admin = init_data_dir(settings)
+    app = create_app(settings)
+    attach_mqtt(app, maintenance_interval_s=3600)
+    with TestClient(app) as client:
+        runtime = app.state.mqtt
+        assert runtime.maintain_once()["pruned"] == 0
+        got = scrape(client, admin)
+    assert sample(got, "edgefleet_acks_sent_total") == 0  # the runtime's counters are there
+    assert not [n for n, _ in got if "retention" in n or "pruned" in n]

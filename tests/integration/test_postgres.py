@@ -217,3 +217,62 @@ def test_monitoring_and_alerts_on_postgres(postgres_url: str, tmp_path: Path) ->
     assert (hook.status, hook.attempts, len(tried)) == ("failed", 1, 1)
     assert tried[0].status_code is None and tried[0].error
     fleet.engine.dispose()
+
+
+def test_retention_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+    """Chunked deletes, only at or below the ack position, audited, and a pruned sequence
+    sent again counted as a duplicate, on PostgreSQL."""
+    from agent.protocol.messages import Ack, DriftBatch
+    from fleet_server.monitoring.retention import ACTOR, RecordRetention
+
+    day = 86400
+    url = _fresh_database(postgres_url, "retention")
+    settings = Settings(data_dir=tmp_path / "data", database_url=url)
+    init_data_dir(settings, clock=lambda: NOW)
+    fleet = open_fleet(settings, clock=lambda: NOW)
+    with atomic(fleet.engine) as conn:
+        for device in ("pg-a", "pg-b"):
+            devices.provision(fleet, conn, device_id=device, profile="rpi4", tags=[],
+                              actor=ADMIN)
+
+    def send(device: str, stream: str, seqs: list[int], at: int) -> tuple[int, int, int]:
+        cls = TelemetryBatch if stream == "telemetry" else DriftBatch
+        batch = cls(device_id=device, records=tuple(
+            Record(seq=s, kind="metrics", at=at, body={"s": s}) for s in seqs))
+        got = handle_message(fleet, device_topic(device, stream), batch.to_bytes(), now=at)
+        assert got.ack_payload is not None
+        return got.stored, got.duplicates, Ack.from_bytes(got.ack_payload).upto_seq
+
+    def stored(device: str, stream: str) -> list[int]:
+        c = tables.device_records.c
+        with atomic(fleet.engine) as conn:
+            return list(conn.execute(select(c.seq).where(
+                c.device_id == device, c.stream == stream).order_by(c.seq)).scalars())
+
+    assert send("pg-a", "telemetry", list(range(1, 13)), NOW)[2] == 12
+    assert send("pg-a", "telemetry", [14, 15], NOW)[2] == 12  # 13 is missing: past a gap
+    assert send("pg-a", "drift", [1, 2, 3], NOW)[2] == 3
+    assert send("pg-b", "telemetry", [1, 2], NOW + 10 * day)[2] == 2
+    retention = RecordRetention(fleet.engine, keep_s=30 * day, chunk_rows=5)
+    report = retention.run(NOW + 31 * day)
+    # pg-a: 12 telemetry and 3 drift at or below their ack; 14 and 15 stay; pg-b is recent
+    assert (report.cutoff, report.deleted, report.chunks, report.complete) == (
+        NOW + day, 15, 3, True)
+    assert dict(report.by_stream) == {"telemetry": 12, "drift": 3}
+    assert stored("pg-a", "telemetry") == [14, 15] and stored("pg-a", "drift") == []
+    assert stored("pg-b", "telemetry") == [1, 2]
+
+    # the ack was lost and the device comes back: the pruned 11 and 12 are duplicates
+    assert send("pg-a", "telemetry", [11, 12], NOW + 31 * day) == (0, 2, 12)
+    # the gap fills: the walk finds 14 and 15 and the ack covers them
+    assert send("pg-a", "telemetry", [13], NOW + 31 * day) == (1, 0, 15)
+    assert retention.run(NOW + 70 * day).deleted == 5  # 13-15 of pg-a, 1-2 of pg-b
+    with atomic(fleet.engine) as conn:
+        assert audit.verify_chain(conn) is None
+        prunes = [e for e in audit.entries(conn, limit=1000)
+                  if e.action == "device_records.prune"]
+        left = conn.execute(select(tables.device_records.c.seq)).all()
+    assert [(e.actor, e.after["deleted"], e.after["by_stream"]) for e in prunes] == [
+        (ACTOR, 15, {"drift": 3, "telemetry": 12}), (ACTOR, 5, {"telemetry": 5})]
+    assert left == []
+    fleet.engine.dispose()

@@ -843,8 +843,8 @@ def rollout_options(fn: F) -> F:
                                      "1,10,all (counts first; the last is 100% or all). "
                                      "Without it every targeted device is told at once."),
         click.option("--bake", "bake_s", type=click.IntRange(min=0), metavar="SECONDS",
-                     help="Wait this long after a wave's last assignment before judging it "
-                          "[default: 0]."),
+                     help="Wait this long after a wave's last assignment or device commit "
+                          "(the later) before it passes [default: 0]."),
         click.option("--min-committed", type=float, metavar="FRACTION",
                      help="A wave passes once this fraction of it committed [default: 1]."),
         click.option("--max-failed", type=float, metavar="FRACTION",
@@ -873,6 +873,15 @@ def rollout_options(fn: F) -> F:
                      metavar="SECONDS",
                      help="An offline device that has not applied its new state this long "
                           "after its assignment counts as failed [default: 3600]."),
+        click.option("--report-timeout", "report_timeout_s", type=click.IntRange(min=1),
+                     metavar="SECONDS",
+                     help="A committed device that a health gate still cannot judge (fewer "
+                          "than --min-samples) this long after it committed has timed out; "
+                          "see --on-report-timeout [default: no deadline, the gate waits]."),
+        click.option("--on-report-timeout", type=click.Choice(["fail", "exclude"]),
+                     help="What a timed-out device does: fail the health gate once the quorum "
+                          "is out of reach, or be excluded from the quorum and named in the "
+                          "gate's detail (needs --report-timeout) [default: fail]."),
         click.option("--on-failure", type=click.Choice(["pause", "rollback"]),
                      help="When a gate fails: pause the rollout, or roll every moved device "
                           "back to its previous version [default: pause]."),
@@ -919,7 +928,8 @@ def deploy(model_name: str, model_version: str, selector: dict[str, Any], waves:
            bake_s: int | None, min_committed: float | None, max_failed: float | None,
            max_error_rate: float | None, max_p95_ms: float | None, no_latency_gate: bool,
            max_psi: float | None, min_samples: int | None, min_reporting: float | None,
-           offline_grace_s: int | None, on_failure: str | None) -> None:
+           offline_grace_s: int | None, report_timeout_s: int | None,
+           on_report_timeout: str | None, on_failure: str | None) -> None:
     """Deploy a model version: at once, or in waves that advance as their gates pass.
 
     Each device gets the artifact built for its own profile; the deploy is refused if some
@@ -932,7 +942,8 @@ def deploy(model_name: str, model_version: str, selector: dict[str, Any], waves:
     every moved device back on its previous version. A device that rolls back by itself
     counts as failed. The p95 latency gate is on by default and waits until every committed
     device of the wave (or --min-reporting of them) served --min-samples requests: pass
-    --no-latency-gate for devices without traffic.
+    --no-latency-gate for devices without traffic. --report-timeout gives that evidence a
+    deadline (with --on-report-timeout exclude, silent devices then leave the quorum).
     Follow the rollout, pause, resume or cancel it with `fleet_server rollout`.
 
     \b
@@ -941,12 +952,15 @@ def deploy(model_name: str, model_version: str, selector: dict[str, Any], waves:
       fleet_server deploy digits 1.0.1 --to device:pi-01 --to device:pi-02
       fleet_server deploy digits 1.1.0 --to all --waves 5%,25%,100% --bake 600 \\
           --max-failed 0.1 --max-error-rate 0.02 --on-failure rollback
+      fleet_server deploy digits 1.2.0 --to all --waves 10%,all --report-timeout 3600 \\
+          --on-report-timeout exclude
     """
     rollout_body = _rollout_body(waves, on_failure, {
         "bake_s": bake_s, "min_committed": min_committed, "max_failed": max_failed,
         "max_error_rate": max_error_rate, "max_p95_ms": max_p95_ms, "max_psi": max_psi,
         "min_samples": min_samples, "min_reporting": min_reporting,
-        "offline_grace_s": offline_grace_s,
+        "offline_grace_s": offline_grace_s, "report_timeout_s": report_timeout_s,
+        "on_report_timeout": on_report_timeout,
         "latency_gate": False if no_latency_gate else None})
     with _errors(), _api() as api:
         out = api.deploy(model_name, model_version, selector, rollout=rollout_body)

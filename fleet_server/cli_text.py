@@ -52,12 +52,15 @@ def _gates_text(gates: Mapping[str, Any]) -> str:
                else f"{p95:g} ms" if isinstance(p95, (int, float)) else "profile budget")
     error_rate = gates.get("max_error_rate")
     psi = gates.get("max_psi")
+    timeout = gates.get("report_timeout_s")
+    deadline = (f", report timeout {timeout}s ({gates.get('on_report_timeout') or 'fail'})"
+                if timeout is not None else "")
     return (f"committed >= {_percent(gates.get('min_committed'))}, failed <= "
             f"{_percent(gates.get('max_failed'))}, bake {gates.get('bake_s')}s, error rate <= "
             f"{_percent(error_rate) if error_rate is not None else 'off'}, p95 <= {latency}, "
             f"psi <= {psi if psi is not None else 'off'}, min samples "
             f"{gates.get('min_samples')} on {_percent(gates.get('min_reporting', 1.0))} of "
-            f"the committed, offline grace {gates.get('offline_grace_s')}s")
+            f"the committed, offline grace {gates.get('offline_grace_s')}s{deadline}")
 
 
 def _counts(r: Mapping[str, Any]) -> str:

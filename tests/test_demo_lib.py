@@ -120,12 +120,17 @@ def test_rollout_line_follows_a_staged_rollout_to_completion() -> None:
     step(0, {})
     canary = state.assignments[0].device_id
     step(1, {canary: COMMITTED})
-    step(3, {canary: COMMITTED})
-    step(4, {canary: HEALTHY})
-    step(5, dict.fromkeys(FLEET, HEALTHY))
-    step(8, dict.fromkeys(FLEET, HEALTHY))
+    step(2, {canary: COMMITTED})
+    step(4, {canary: COMMITTED})
+    step(5, {canary: HEALTHY})
+    step(6, dict.fromkeys(FLEET, HEALTHY))
+    step(7, dict.fromkeys(FLEET, HEALTHY))
+    step(9, dict.fromkeys(FLEET, HEALTHY))
     assert lines == [
         ("wave 1/2 (20%): 1 moved, 1 pending | baking 0s of 3s, error rate waits for samples, "
+         "p95 ms waits for samples"),
+        # committed now: the bake counts from the wave's last commit
+        ("wave 1/2 (20%): 1 moved, 1 committed | baking 0s of 3s, error rate waits for samples, "
          "p95 ms waits for samples"),
         ("wave 1/2 (20%): 1 moved, 1 committed | baking 1s of 3s, error rate waits for samples, "
          "p95 ms waits for samples"),
@@ -134,6 +139,8 @@ def test_rollout_line_follows_a_staged_rollout_to_completion() -> None:
         # the canary's health passed its gates: the next wave takes everyone else
         ("wave 2/2 (all): 5 moved, 1 committed, 4 pending | baking 0s of 3s, error rate waits "
          "for samples, p95 ms waits for samples"),
+        ("wave 2/2 (all): 5 moved, 5 committed | baking 0s of 3s, error rate 0 "
+         "(limit 0.01) judged after the bake, p95 ms 2.5 (limit 50) judged after the bake"),
         ("wave 2/2 (all): 5 moved, 5 committed | baking 1s of 3s, error rate 0 "
          "(limit 0.01) judged after the bake, p95 ms 2.5 (limit 50) judged after the bake"),
         ("completed: 5 moved, 5 committed | baked 3s, error rate 0 (limit 0.01) ok, p95 ms 2.5 "

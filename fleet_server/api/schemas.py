@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from agent.protocol.topics import DEVICE_ID_PATTERN
 from fleet_server.registry.devices import TAG_PATTERN
@@ -205,14 +205,15 @@ class RolloutGatesIn(_In):
     """When a wave passes or fails; fractions are of the wave's devices. Unset fields take
     their defaults. A health gate judges committed devices with ``min_samples`` requests
     (drift: predictions); the worst device decides, and it passes only once
-    ``min_reporting`` of the wave's committed devices are judged (it waits until then)."""
+    ``min_reporting`` of the wave's committed devices are judged (it waits until then, or
+    until ``report_timeout_s`` after a device committed: see ``on_report_timeout``)."""
 
     min_committed: float | None = Field(None, description="passes at this committed "
                                         "fraction, 0..1 (default 1)")
     max_failed: float | None = Field(None, description="fails above this failed fraction, "
                                      "0..1 (default 0)")
     bake_s: int | None = Field(None, description="seconds after the wave's last assignment "
-                               "before it is judged (default 0)")
+                               "or device commit, the later, before it passes (default 0)")
     max_error_rate: float | None = Field(None, description="errors / requests per device, "
                                          "0..1 (default: off)")
     max_p95_ms: float | None = Field(None, description="p95 latency per device, ms (default: "
@@ -229,6 +230,14 @@ class RolloutGatesIn(_In):
     min_reporting: float | None = Field(None, description="fraction, (0, 1], of the wave's "
                                         "committed devices that must have min_samples before "
                                         "a health gate passes (default 1: all of them)")
+    report_timeout_s: StrictInt | None = Field(None, description="seconds after a device of "
+                                               "the wave committed by which a health gate must "
+                                               "be able to judge it (default: no deadline, it "
+                                               "waits)")
+    on_report_timeout: str | None = Field(None, examples=["fail", "exclude"],
+                                          description="a device that missed report_timeout_s "
+                                          "'fail's the gate once the quorum is out of reach, "
+                                          "or is 'exclude'd from the quorum (default fail)")
 
 
 class RolloutIn(_In):

@@ -30,8 +30,12 @@ Gates (:class:`Gates`), judged on the active devices of the current wave, ``n`` 
   the first reports is not "100% failed".
 - ``committed``: committed / n >= ``min_committed`` passes; when nothing is pending any more
   and it is below, it can never pass, and fails.
-- ``bake``: ``bake_s`` seconds since the wave's last assignment. Nothing else passes, and no
-  health gate fails, before that.
+- ``bake``: ``bake_s`` seconds since the wave's bake started (:func:`bake_start`): the later
+  of its last assignment and its last commit, i.e. the largest ``assigned_at`` of its active
+  devices and ``committed_at`` of those committed now (the planner step that first saw each
+  commit; failed and pending devices do not count). So every committed device was watched
+  for ``bake_s``, including one that committed late, and a late commit restarts the bake.
+  Nothing else passes, and no health gate fails, before that.
 - health: ``error_rate`` (errors / requests), ``p95_ms`` (against ``max_p95_ms`` or, when that
   is None, the device's own profile budget) and ``psi`` (the largest input-feature PSI). A
   committed device is *judged* once it has ``min_samples`` requests (predictions, for
@@ -51,7 +55,32 @@ Gates (:class:`Gates`), judged on the active devices of the current wave, ``n`` 
   therefore holds the wave for as long as it stays so: the rollout neither passes on less
   evidence than the spec asked for nor fails a device that did nothing wrong. It waits
   visibly; the operator lowers the quorum for such fleets (``min_reporting``, e.g. 0.8),
-  switches ``latency_gate`` off for fleets without traffic, or pauses or cancels.
+  switches ``latency_gate`` off for fleets without traffic, gives the evidence a deadline
+  (below), or pauses or cancels.
+
+- ``report_timeout_s`` (None: no deadline, as above): a committed device of the current wave
+  that a health gate still cannot judge ``report_timeout_s`` after its ``committed_at`` has
+  *timed out* for that gate (each gate on its own: a device may have requests but no drift
+  windows). Online or offline makes no difference: the deadline is about evidence. It is not
+  sticky: a device that sends its numbers later is judged again (and can still fail the
+  gate). Devices of earlier waves never time out: their wave passed. ``on_report_timeout``:
+
+  - ``fail``: the gate fails (after the bake, like any health gate) once the timed-out
+    devices leave it short of its quorum for good: the judged devices plus the unjudged ones
+    still within their deadline are fewer than :func:`quorum`. With the default
+    ``min_reporting`` of 1 that is the first timed-out device. The device itself is not
+    marked failed nor reverted (it did nothing wrong that we know of): the wave fails, and
+    ``on_failure`` pauses or rolls back the rollout, like AWS IoT Jobs' ``TIMED_OUT``
+    counted by abort criteria;
+  - ``exclude``: the gate leaves it out of its quorum (``ceil(min_reporting * (committed -
+    excluded))``), and the detail names it: ``excluded, no 100 requests within
+    report_timeout_s 600s of committing: dev-7 (offline, 0 requests in 612s)``. If every
+    committed device timed out, the gate passes on no health evidence at all (the devices
+    did commit, so their on-device health check passed): use ``fail`` where that is not
+    acceptable.
+
+  Either way the detail names the timed-out devices, and while the gate waits it gives each
+  unjudged device's time since its commit.
 """
 
 from __future__ import annotations
@@ -67,6 +96,7 @@ from fleet_server.rollout.state import Assignment, Outcome, RolloutState
 __all__ = [
     "FAILED_RESULTS",
     "Decision",
+    "bake_start",
     "judge",
     "outcome",
     "quorum",
@@ -133,6 +163,8 @@ def judge(spec: RolloutSpec, st: RolloutState, by_id: Mapping[str, DeviceReport]
     verdicts = {a.device_id: outcome(st, a, by_id.get(a.device_id))[0] for a in wave}
     failed = sum(1 for v in verdicts.values() if v == "failed")
     committed = [a for a in wave if verdicts[a.device_id] == "committed"]
+    # a commit no step recorded yet (only when called outside plan) is one seen just now
+    since = {a.device_id: now if a.committed_at is None else a.committed_at for a in committed}
     pending = n - failed - len(committed)
     reports.append(GateReport(st.wave, "failed", failed / n, g.max_failed,
                               failed / n <= g.max_failed, f"{failed} of {n} devices failed"))
@@ -140,19 +172,48 @@ def judge(spec: RolloutSpec, st: RolloutState, by_id: Mapping[str, DeviceReport]
     reports.append(GateReport(st.wave, "committed", len(committed) / n, g.min_committed,
                               True if reached else (False if pending == 0 else None),
                               f"{len(committed)} of {n} devices committed, {pending} pending"))
-    elapsed = now - max(a.assigned_at for a in wave)
+    start, last = bake_start(wave, since)
+    elapsed = now - start
     baked = elapsed >= g.bake_s
     reports.append(GateReport(st.wave, "bake", float(elapsed), float(g.bake_s),
                               True if baked else None, f"{elapsed}s of {g.bake_s}s since the "
-                              "wave's last assignment"))
+                              + (f"wave's last commit ({last})" if last else
+                                 "wave's last assignment")))
     healthy = [by_id[a.device_id] for a in committed]
+    # seconds since each committed device committed: only the report deadline needs them
+    waited = {device_id: now - at for device_id, at in since.items()} \
+        if g.report_timeout_s is not None else {}
     before = [r for a in st.assignments if a.active and a.wave < st.wave and a.failed is None
               and (r := by_id.get(a.device_id)) is not None
               and outcome(st, a, r)[0] == "committed"]
     for gate in _health_gates(g):
         reports.append(_health(st.wave, gate, baked, g, healthy, _rows(gate, g, healthy),
-                               _rows(gate, g, before)))
+                               _rows(gate, g, before), waited))
     return _decide(reports)
+
+
+def bake_start(wave: Sequence[Assignment], committed_at: Mapping[str, int]
+               ) -> tuple[int, str | None]:
+    """When the wave's bake starts: the later of its last assignment and its last commit.
+
+    Args:
+        wave: the wave's active assignments (at least one).
+        committed_at: when each of its committed devices was first seen committed (devices
+            that failed or are pending are not in it).
+
+    Returns:
+        The time, and the device whose commit it is (None: an assignment is later, or as late).
+
+    Raises:
+        ValueError: ``wave`` is empty.
+    """
+    if not wave:
+        raise ValueError("wave: expected at least one assignment, got none")
+    assigned = max(a.assigned_at for a in wave)
+    last = max(committed_at.values(), default=assigned)
+    if last > assigned:
+        return last, max(d for d, at in committed_at.items() if at == last)
+    return assigned, None
 
 
 def _health_gates(g: Gates) -> list[str]:
@@ -200,21 +261,35 @@ _NAMED: Final = 5
 
 
 def _health(wave: int, gate: str, baked: bool, g: Gates, committed: Sequence[DeviceReport],
-            rows: list[tuple[str, float, float]], earlier: list[tuple[str, float, float]]
-            ) -> GateReport:
+            rows: list[tuple[str, float, float]], earlier: list[tuple[str, float, float]],
+            waited: Mapping[str, int]) -> GateReport:
     """One health gate over the wave's committed devices; ``rows`` holds the judged ones
     (enough samples) as (device, value, limit), ``earlier`` the judged committed devices of
-    the waves that passed before.
+    the waves that passed before, ``waited`` the seconds since each committed device of the
+    wave committed.
 
     The worst device (the highest value relative to its limit) decides: after the bake, one
     judged device over its limit fails the gate, whatever the others say, and a device of an
     earlier wave that went bad since its wave passed counts too. The gate passes only after
     the bake and once :func:`quorum` of this wave's committed devices are judged; until then
     it waits, and its detail says how many devices it waits for and names them.
+
+    With ``report_timeout_s``, an unjudged device that committed that long ago has timed out:
+    ``exclude`` leaves it out of the quorum's base, ``fail`` fails the gate after the bake once
+    the judged devices and those still within the deadline cannot make the quorum.
     """
     what = "predictions" if gate == "psi" else "requests"
     n = len(committed)
-    need = quorum(g.min_reporting, n)
+    timeout = g.report_timeout_s
+    late: list[DeviceReport] = []
+    short: list[DeviceReport] = []  # unjudged, within the deadline: filled in when needed
+    if timeout is not None:
+        unjudged = _unjudged(committed, rows)
+        late = [r for r in unjudged if waited[r.device_id] >= timeout]
+        short = [r for r in unjudged if waited[r.device_id] < timeout]
+    exclude = g.on_report_timeout == "exclude"
+    need = quorum(g.min_reporting, n - len(late) if exclude else n)
+    missed = bool(late) and not exclude and len(rows) + len(short) < need
     worst = min(rows, key=_badness) if rows else None
     gone_bad = [row for row in earlier if row[1] > row[2]]
     if gone_bad and (worst is None or _badness(min(gone_bad, key=_badness)) < _badness(worst)):
@@ -224,26 +299,51 @@ def _health(wave: int, gate: str, baked: bool, g: Gates, committed: Sequence[Dev
     head = (f"worst {worst[0]}{' (an earlier wave)' if worst in earlier else ''}: "
             f"{worst[1]:g} against {worst[2]:g}" if worst else "no device judged yet")
     also = f", and {len(earlier)} of earlier waves" if earlier else ""
+    excluded = f", {len(late)} excluded" if late and exclude else ""
+    at = f"min_reporting {g.min_reporting * 100:g}%"
     if not n:
         detail = f"{head}; no committed device of this wave to judge yet"
     elif len(rows) >= need:
-        detail = f"{head} ({len(rows)} of {n} committed devices judged{also})"
+        detail = f"{head} ({len(rows)} of {n} committed devices judged{excluded}{also})"
+    elif missed:
+        detail = (f"{head}; {len(late)} of {n} committed devices missed the report deadline "
+                  f"({len(rows)} judged, {len(short)} still within it, {need} needed at {at})")
     else:
-        judged = {row[0] for row in rows}
-        short = [r for r in committed if r.device_id not in judged]
-        named = ", ".join(_shortfall(r, gate, g.min_samples) for r in short[:_NAMED])
-        more = f" and {len(short) - _NAMED} more" if len(short) > _NAMED else ""
+        if timeout is None:
+            short = _unjudged(committed, rows)
+        deadline = f", each within {timeout}s of committing" if timeout is not None else ""
         detail = (f"{head}; waiting for {need - len(rows)} more of {n} committed devices to "
-                  f"have {g.min_samples} {what} ({len(rows)} have, {need} needed at "
-                  f"min_reporting {g.min_reporting * 100:g}%)"
-                  + (f": {named}{more}" if named else ""))
+                  f"have {g.min_samples} {what} ({len(rows)} have{excluded}, {need} needed at "
+                  f"{at}{deadline})" + _named(": ", short, gate, g.min_samples,
+                                              waited if timeout is not None else None))
+    if late:
+        detail += _named(f"; {'excluded' if exclude else 'timed out'}, no {g.min_samples} "
+                         f"{what} within report_timeout_s {timeout}s of committing: ", late,
+                         gate, g.min_samples, waited)
     if not baked:
         ok = None
-    elif bad:
+    elif bad or missed:
         ok = False
     else:
         ok = True if n and len(rows) >= need else None
     return GateReport(wave, gate, value, limit, ok, detail)
+
+
+def _unjudged(committed: Sequence[DeviceReport], rows: list[tuple[str, float, float]]
+              ) -> list[DeviceReport]:
+    judged = {row[0] for row in rows}
+    return [r for r in committed if r.device_id not in judged]
+
+
+def _named(lead: str, devices: Sequence[DeviceReport], gate: str, min_samples: int,
+           waited: Mapping[str, int] | None = None) -> str:
+    """``lead`` and the first :data:`_NAMED` devices with why each is not judged ("" for
+    none)."""
+    if not devices:
+        return ""
+    named = ", ".join(_shortfall(r, gate, min_samples, waited) for r in devices[:_NAMED])
+    more = f" and {len(devices) - _NAMED} more" if len(devices) > _NAMED else ""
+    return f"{lead}{named}{more}"
 
 
 def _badness(row: tuple[str, float, float]) -> tuple[float, str]:
@@ -253,13 +353,16 @@ def _badness(row: tuple[str, float, float]) -> tuple[float, str]:
     return (-float("inf") if value > 0 else 0.0), device
 
 
-def _shortfall(r: DeviceReport, gate: str, min_samples: int) -> str:
-    """Why a committed device is not judged yet, e.g. ``dev-3 (offline, 40 requests)``."""
+def _shortfall(r: DeviceReport, gate: str, min_samples: int,
+               waited: Mapping[str, int] | None = None) -> str:
+    """Why a committed device is not judged yet, e.g. ``dev-3 (offline, 40 requests)``, and
+    with ``waited`` since when: ``dev-3 (0 requests in 612s)``."""
     count = r.samples if gate == "psi" else r.requests
     what = "predictions" if gate == "psi" else "requests"
     why = f"{count} {what}" if count < min_samples else (
         "no successful request" if gate == "p95_ms" else "no PSI")
-    return f"{r.device_id} ({'' if r.online else 'offline, '}{why})"
+    when = f" in {waited[r.device_id]}s" if waited is not None else ""
+    return f"{r.device_id} ({'' if r.online else 'offline, '}{why}{when})"
 
 
 def _decide(reports: list[GateReport]

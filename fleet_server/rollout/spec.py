@@ -32,8 +32,10 @@ from typing import Any, Final, Literal, cast
 
 __all__ = [
     "ON_FAILURE",
+    "ON_REPORT_TIMEOUT",
     "Gates",
     "OnFailure",
+    "OnReportTimeout",
     "RolloutSpec",
     "SpecError",
     "WaveSpec",
@@ -43,6 +45,9 @@ __all__ = [
 OnFailure = Literal["pause", "rollback"]
 #: what a rollout may do when a gate fails
 ON_FAILURE: Final = ("pause", "rollback")
+OnReportTimeout = Literal["fail", "exclude"]
+#: what a committed device that missed ``gates.report_timeout_s`` does to a health gate
+ON_REPORT_TIMEOUT: Final = ("fail", "exclude")
 
 
 class SpecError(ValueError):
@@ -225,18 +230,26 @@ class Gates:
     """When a wave has passed or failed. Fractions are of the wave's devices.
 
     A wave passes when at least ``min_committed`` of its devices committed, at most
-    ``max_failed`` failed, ``bake_s`` went by since its last device was assigned, and every
-    health gate holds on the committed devices with at least ``min_samples`` requests (drift:
-    predictions). A health gate passes only once ``min_reporting`` of the wave's committed
-    devices (all of them by default) have that many; until then it waits, and its detail names
-    the devices it waits for. ``None`` switches a health gate off, except ``max_p95_ms``: None
-    means each device's profile latency budget, and ``latency_gate=False`` switches that one
-    off (for fleets whose devices may serve too little traffic to ever judge it).
+    ``max_failed`` failed, ``bake_s`` went by since its last device was assigned or committed
+    (whichever is later), and every health gate holds on the committed devices with at least
+    ``min_samples`` requests (drift: predictions). A health gate passes only once
+    ``min_reporting`` of the wave's committed devices (all of them by default) have that many;
+    until then it waits, and its detail names the devices it waits for. ``None`` switches a
+    health gate off, except ``max_p95_ms``: None means each device's profile latency budget,
+    and ``latency_gate=False`` switches that one off (for fleets whose devices may serve too
+    little traffic to ever judge it).
+
+    ``report_timeout_s`` is a deadline for that evidence: a committed device of the wave that
+    a health gate still cannot judge that long after it committed has *timed out*, and
+    ``on_report_timeout`` says what then: ``"fail"`` fails the gate once the timed-out devices
+    leave it short of its quorum, ``"exclude"`` leaves them out of the quorum (named in the
+    gate's detail). None (the default) waits without a deadline; ``"exclude"`` needs one.
     """
 
     min_committed: float = 1.0  # fraction of the wave, in [0, 1]
     max_failed: float = 0.0  # fraction of the wave, in [0, 1]; more than this fails the wave
-    bake_s: int = 0  # seconds after the wave's last assignment before it is judged
+    bake_s: int = 0  # seconds after the wave's last assignment or commit (the later)
+    #                  before it passes
     max_error_rate: float | None = None  # errors / requests per device, in [0, 1]
     max_p95_ms: float | None = None  # per device; None: the device profile's latency budget
     max_psi: float | None = None  # the largest input-feature PSI per device, >= 0
@@ -246,6 +259,11 @@ class Gates:
     latency_gate: bool = True  # judge p95 latency at all
     min_reporting: float = 1.0  # fraction of the wave's committed devices, in (0, 1], that
     #                             must have min_samples before a health gate can pass
+    report_timeout_s: int | None = None  # seconds after a device of the wave committed by
+    #                                      which a health gate must be able to judge it; None:
+    #                                      no deadline, the gate waits for it
+    on_report_timeout: OnReportTimeout = "fail"  # a device that missed the deadline "fail"s
+    #                                              the gate or is "exclude"d from its quorum
 
     def __post_init__(self) -> None:
         _check_fraction("gates.min_committed", self.min_committed)
@@ -257,6 +275,17 @@ class Gates:
                 raise SpecError(f"gates.{name}", "an integer >= 0 (seconds)", value)
         if not isinstance(self.latency_gate, bool):
             raise SpecError("gates.latency_gate", "a boolean", self.latency_gate)
+        if self.report_timeout_s is not None and (not _is_int(self.report_timeout_s)
+                                                  or self.report_timeout_s < 1):
+            raise SpecError("gates.report_timeout_s", "an integer >= 1 (seconds) or null (no "
+                            "deadline)", self.report_timeout_s)
+        if self.on_report_timeout not in ON_REPORT_TIMEOUT:
+            raise SpecError("gates.on_report_timeout", "one of " + ", ".join(ON_REPORT_TIMEOUT),
+                            self.on_report_timeout)
+        if self.on_report_timeout != "fail" and self.report_timeout_s is None:
+            raise SpecError("gates.on_report_timeout", "'fail' (the default) while "
+                            "gates.report_timeout_s is null: without a deadline nothing times "
+                            "out", self.on_report_timeout)
         if not _is_int(self.min_samples) or self.min_samples < 1:
             raise SpecError("gates.min_samples", "an integer >= 1", self.min_samples)
         if self.max_error_rate is not None:
@@ -277,7 +306,13 @@ class Gates:
                 object.__setattr__(self, name, float(value))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every field, except the report deadline's two while it is off: a spec that does not
+        use them reads on a server from before they existed (its ``from_dict`` refuses
+        unknown fields)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.report_timeout_s is None:
+            del out["report_timeout_s"], out["on_report_timeout"]
+        return out
 
     @classmethod
     def from_dict(cls, data: object, where: str = "gates") -> Gates:

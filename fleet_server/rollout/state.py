@@ -51,7 +51,8 @@ class Assignment:
     previous_version: str | None  # what it ran before (None: no version of this model)
     failed: str | None = None  # why it counts as failed; set once, and it was reverted then
     active: bool = True  # False while the device is not selected any more
-    committed_at: int | None = None  # the first step that saw it committed
+    committed_at: int | None = None  # the first step that saw it committed: starts its
+    #                                  report deadline, and the wave's latest one its bake
     final: Outcome | None = None  # its outcome when the rollout ended (None: not ended)
     final_reason: str | None = None  # why, then
 

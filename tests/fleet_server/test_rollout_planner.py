@@ -19,6 +19,7 @@ import pytest
 
 from fleet_server.rollout import (
     Action,
+    Assignment,
     AssignVersion,
     Cancel,
     Command,
@@ -44,7 +45,7 @@ from fleet_server.rollout import (
     plan,
     summary,
 )
-from fleet_server.rollout.gates import quorum
+from fleet_server.rollout.gates import bake_start, quorum
 
 OLD, NEW = "v1", "v2"
 
@@ -145,10 +146,19 @@ class Scenario:
 
 
 def spec(waves: str, on_failure: str = "pause", **gates: Any) -> RolloutSpec:
-    g: dict[str, Any] = {"min_committed": 1.0, "max_failed": 0.0, "bake_s": 60,
+    """Scenarios about the bake give ``bake_s``: the bake counts from a wave's last commit,
+    which a step sees only after the step that assigned the device."""
+    g: dict[str, Any] = {"min_committed": 1.0, "max_failed": 0.0, "bake_s": 0,
                          "min_samples": 100, "offline_grace_s": 300}
     g.update(gates)
     return RolloutSpec.parse(waves, Gates(**g), on_failure)  # type: ignore[arg-type]
+
+
+def timed(on_report_timeout: str, on_failure: str = "pause", waves: str = "2,all",
+          **gates: Any) -> RolloutSpec:
+    """The error-rate gate only, and a 600 s deadline for its evidence."""
+    return spec(waves, on_failure, latency_gate=False, max_error_rate=0.05,
+                report_timeout_s=600, on_report_timeout=on_report_timeout, **gates)
 
 
 def brief(actions: Sequence[Action]) -> list[str]:
@@ -209,27 +219,47 @@ def run(sc: Scenario) -> list[tuple[RolloutState, tuple[Action, ...]]]:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "happy-path-three-waves-completes": Scenario(spec("5%,25%,100%"), fleet_of(20), [
+    # a wave's devices commit at the first step after their assignment; the bake counts from
+    # the wave's last commit (or assignment, when that is later)
+    "happy-path-three-waves-completes": Scenario(spec("5%,25%,100%", bake_s=60), fleet_of(20), [
         Step(0, "running", ["wave 0", "assign"]),
-        Step(30, "running", []),
-        Step(60, "running", ["wave 1", "assign*4"]),
-        Step(120, "running", ["wave 2", "assign*15"]),
-        Step(180, "completed", ["completed"]),
-        Step(240, "completed", []),
+        Step(30, "running", []),  # committed: the bake starts
+        Step(89, "running", []),
+        Step(90, "running", ["wave 1", "assign*4"]),
+        Step(120, "running", []),
+        Step(180, "running", ["wave 2", "assign*15"]),
+        Step(200, "running", []),
+        Step(260, "completed", ["completed"]),
+        Step(320, "completed", []),
     ]),
     "bake-not-elapsed-no-advance": Scenario(spec("50%,100%", bake_s=600), fleet_of(4), [
         Step(0, "running", ["wave 0", "assign*2"]),
         Step(10, "running", []),  # all committed at once, but baking
-        Step(599, "running", []),
-        Step(600, "running", ["wave 1", "assign*2"]),
+        Step(609, "running", []),
+        Step(610, "running", ["wave 1", "assign*2"]),
     ]),
-    "bake-counts-from-the-waves-last-assignment": Scenario(spec("50%,100%", bake_s=100),
-                                                           fleet_of(4), [
-        Step(0, "running", ["wave 0", "assign*2"]),
-        Step(50, "running", ["assign"], devices=fleet_of(6)),  # 50% of 6 is 3
-        Step(100, "running", []),  # 100 s after the first assignments, 50 after the last
-        Step(150, "running", ["wave 1", "assign*3"]),
-    ]),
+    # a device selected later is assigned after the others committed; while it is still
+    # updating (within min_committed), the bake counts from its assignment
+    "bake-counts-from-the-waves-last-assignment": Scenario(
+        spec("50%,100%", bake_s=100, min_committed=0.6), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", []),  # both committed
+            Step(50, "running", ["assign"], devices=fleet_of(6)),  # 50% of 6 is 3
+            Step(110, "running", [], reports=fleet(overrides={(0, 2): "updating"})),
+            Step(149, "running", [], reports=fleet(overrides={(0, 2): "updating"})),
+            Step(150, "running", ["wave 1", "assign*3"],
+                 reports=fleet(overrides={(0, 2): "updating"})),
+        ]),
+    # a device that commits late restarts the bake: every device is watched for bake_s
+    "bake-counts-from-the-waves-last-commit": Scenario(
+        spec("50%,100%", bake_s=100), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): "updating"})),
+            Step(90, "running", []),  # the second one committed
+            Step(110, "running", []),  # 100 s after the first commit, 20 after the last
+            Step(189, "running", []),
+            Step(190, "running", ["wave 1", "assign*2"]),
+        ]),
     "too-many-failures-pause": Scenario(spec("50%,100%", max_failed=0.2), fleet_of(10), [
         Step(0, "running", ["wave 0", "assign*5"]),
         Step(10, "paused", ["revert v1*2", "FAIL 0:failed", "FAIL 0:committed", "paused"],
@@ -257,10 +287,11 @@ SCENARIOS: dict[str, Scenario] = {
                  reports=fleet(overrides={(0, 0): "rolled_back"})),
         ]),
     "error-rate-gate-fails-after-the-bake": Scenario(
-        spec("50%,100%", max_error_rate=0.05), fleet_of(4), [
+        spec("50%,100%", bake_s=60, max_error_rate=0.05), fleet_of(4), [
             Step(0, "running", ["wave 0", "assign*2"]),
             Step(30, "running", [], reports=fleet(overrides={(0, 1): {"errors": 50}})),
-            Step(60, "paused", ["FAIL 0:error_rate", "paused"],
+            Step(89, "running", [], reports=fleet(overrides={(0, 1): {"errors": 50}})),
+            Step(90, "paused", ["FAIL 0:error_rate", "paused"],
                  reports=fleet(overrides={(0, 1): {"errors": 50}})),
         ]),
     "error-rate-within-the-limit-passes": Scenario(
@@ -353,7 +384,8 @@ SCENARIOS: dict[str, Scenario] = {
         Step(100, "paused", []),
         Step(200, "running", ["resumed", "wave 0", "assign*2"], commands=(Resume(),)),
     ]),
-    "pause-mid-wave-holds-then-resume-advances": Scenario(spec("5%,25%,100%"), fleet_of(20), [
+    "pause-mid-wave-holds-then-resume-advances": Scenario(spec("5%,25%,100%", bake_s=60),
+                                                          fleet_of(20), [
         Step(0, "running", ["wave 0", "assign"]),
         Step(30, "paused", ["paused"], commands=(Pause(),)),
         Step(500, "paused", []),
@@ -487,8 +519,9 @@ SCENARIOS: dict[str, Scenario] = {
     "after-the-bake-health-waits-for-a-late-reporter": Scenario(
         spec("2,all", bake_s=60, max_psi=0.2), fleet_of(4), [
             Step(0, "running", ["wave 0", "assign*2"]),
-            Step(60, "running", [], reports=fleet(overrides={(0, 1): {"samples": 10}})),
-            Step(61, "running", ["wave 1", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): {"samples": 10}})),
+            Step(70, "running", [], reports=fleet(overrides={(0, 1): {"samples": 10}})),
+            Step(71, "running", ["wave 1", "assign*2"]),
         ]),
     "many-failures-judged-over-the-wave-not-over-the-reporters": Scenario(
         spec("4,all", max_failed=0.25, min_committed=0.5), fleet_of(8), [
@@ -502,11 +535,12 @@ SCENARIOS: dict[str, Scenario] = {
         ]),
     # a canary that went bad after its wave passed stops the next wave's health gate
     "an-earlier-wave-gone-unhealthy-fails-the-current-wave": Scenario(
-        spec("2,all", max_error_rate=0.05), fleet_of(6), [
+        spec("2,all", bake_s=60, max_error_rate=0.05), fleet_of(6), [
             Step(0, "running", ["wave 0", "assign*2"]),
-            Step(60, "running", ["wave 1", "assign*4"]),
+            Step(10, "running", []),
+            Step(70, "running", ["wave 1", "assign*4"]),
             Step(100, "running", [], reports=fleet(overrides={(0, 0): {"errors": 60}})),
-            Step(120, "paused", ["FAIL 1:error_rate", "paused"],
+            Step(160, "paused", ["FAIL 1:error_rate", "paused"],
                  reports=fleet(overrides={(0, 0): {"errors": 60}})),
         ]),
     # ... but healthy earlier waves do not stand in for the current wave's quorum
@@ -518,14 +552,142 @@ SCENARIOS: dict[str, Scenario] = {
                 (1, i): SILENT for i in range(4)})),
             Step(30, "completed", ["completed"]),
         ]),
+    # --- a deadline for evidence (gates.report_timeout_s, on_report_timeout) ---------------
+    # both devices commit at 10; one goes offline without telemetry: at 610 it has missed the
+    # deadline, and the error-rate gate can no longer reach its quorum
+    "report-timeout-fails-the-wave": Scenario(
+        timed("fail"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(609, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(610, "paused", ["FAIL 0:error_rate", "paused"],
+                 reports=fleet(overrides={(0, 1): GONE})),
+        ]),
+    "report-timeout-rolls-back-with-on-failure-rollback": Scenario(
+        timed("fail", "rollback"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(610, "rolled_back", ["FAIL 0:error_rate", "revert v1*2", "rolled_back"],
+                 reports=fleet(overrides={(0, 1): GONE})),
+        ]),
+    # online but serving nothing is the same: the deadline is about evidence, not connectivity
+    "report-timeout-fails-an-online-but-idle-device": Scenario(
+        timed("fail"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): SILENT})),
+            Step(609, "running", [], reports=fleet(overrides={(0, 1): SILENT})),
+            Step(610, "paused", ["FAIL 0:error_rate", "paused"],
+                 reports=fleet(overrides={(0, 1): SILENT})),
+        ]),
+    "report-timeout-excludes-the-silent-device": Scenario(
+        timed("exclude"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(609, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(610, "running", ["wave 1", "assign*2"], reports=fleet(overrides={(0, 1): GONE})),
+        ]),
+    "report-timeout-excludes-an-online-but-idle-device": Scenario(
+        timed("exclude"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): SILENT})),
+            Step(610, "running", ["wave 1", "assign*2"],
+                 reports=fleet(overrides={(0, 1): SILENT})),
+        ]),
+    # the deadline counts from each device's own commit, not from the wave's first one
+    "report-timeout-counts-from-each-devices-commit": Scenario(
+        timed("fail"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): "updating"})),
+            Step(300, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(899, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(900, "paused", ["FAIL 0:error_rate", "paused"],
+                 reports=fleet(overrides={(0, 1): GONE})),
+        ]),
+    # it sends its numbers a second before the deadline: judged like any other device
+    "report-just-before-the-deadline-is-judged": Scenario(
+        timed("fail"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(609, "running", ["wave 1", "assign*2"]),
+        ]),
+    "report-just-before-the-deadline-with-bad-numbers-fails-on-them": Scenario(
+        timed("exclude"), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(609, "paused", ["FAIL 0:error_rate", "paused"],
+                 reports=fleet(overrides={(0, 1): {"errors": 100}})),
+        ]),
+    # 'fail' fails only once the quorum is out of reach: a device still within its deadline
+    # can make it up
+    "report-timeout-fails-when-the-quorum-is-out-of-reach": Scenario(
+        timed("fail", waves="4,all", min_reporting=0.5), fleet_of(8), [
+            Step(0, "running", ["wave 0", "assign*4"]),
+            Step(10, "running", [], reports=fleet(overrides={
+                (0, 0): GONE, (0, 1): "updating", (0, 2): "updating", (0, 3): "updating"})),
+            Step(300, "running", [], reports=fleet(overrides={
+                (0, 0): GONE, (0, 2): SILENT, (0, 3): SILENT})),
+            # 1 judged, 1 timed out, 2 committed at 300 and silent: 2 of 4 needed
+            Step(610, "running", [], reports=fleet(overrides={
+                (0, 0): GONE, (0, 2): SILENT, (0, 3): SILENT})),
+            Step(899, "running", [], reports=fleet(overrides={
+                (0, 0): GONE, (0, 2): SILENT, (0, 3): SILENT})),
+            Step(900, "paused", ["FAIL 0:error_rate", "paused"], reports=fleet(overrides={
+                (0, 0): GONE, (0, 2): SILENT, (0, 3): SILENT})),
+        ]),
+    "report-timeout-quorum-made-up-by-a-later-device": Scenario(
+        timed("fail", waves="4,all", min_reporting=0.5), fleet_of(8), [
+            Step(0, "running", ["wave 0", "assign*4"]),
+            Step(10, "running", [], reports=fleet(overrides={
+                (0, 0): GONE, (0, 1): "updating", (0, 2): "updating", (0, 3): "updating"})),
+            Step(300, "running", [], reports=fleet(overrides={
+                (0, 0): GONE, (0, 2): SILENT, (0, 3): SILENT})),
+            Step(610, "running", [], reports=fleet(overrides={
+                (0, 0): GONE, (0, 2): SILENT, (0, 3): SILENT})),
+            Step(620, "running", ["wave 1", "assign*4"], reports=fleet(overrides={
+                (0, 0): GONE, (0, 3): SILENT})),
+        ]),
+    # the bake still holds: a device past its deadline fails the gate only after the bake,
+    # and one that reports before the bake is over is judged
+    "report-timeout-waits-for-the-bake": Scenario(
+        timed("fail", bake_s=1000), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(700, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(1010, "running", ["wave 1", "assign*2"]),
+        ]),
+    # devices of earlier waves do not time out: their wave passed (here on a quorum)
+    "report-timeout-ignores-earlier-waves": Scenario(
+        timed("fail", min_reporting=0.5), fleet_of(6), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", ["wave 1", "assign*4"], reports=fleet(overrides={(0, 1): GONE})),
+            Step(20, "running", [], reports=fleet(overrides={
+                (0, 1): GONE, **{(1, i): "updating" for i in range(4)}})),
+            Step(700, "completed", ["completed"], reports=fleet(overrides={(0, 1): GONE})),
+        ]),
+    # ... but an excluded device is still watched: bad numbers later fail the current wave
+    "an-excluded-device-that-reports-bad-numbers-later-fails-the-rollout": Scenario(
+        timed("exclude"), fleet_of(6), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(610, "running", ["wave 1", "assign*4"], reports=fleet(overrides={(0, 1): GONE})),
+            Step(620, "paused", ["FAIL 1:error_rate", "paused"], reports=fleet(overrides={
+                (0, 1): {"errors": 100}, **{(1, i): "updating" for i in range(4)}})),
+        ]),
+    # without a deadline (the default) the silent device holds the wave, as before
+    "no-report-timeout-holds-the-wave": Scenario(
+        spec("2,all", latency_gate=False, max_error_rate=0.05), fleet_of(4), [
+            Step(0, "running", ["wave 0", "assign*2"]),
+            Step(10, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+            Step(100_000, "running", [], reports=fleet(overrides={(0, 1): GONE})),
+        ]),
     # --- evidence about other updates ------------------------------------------------------
     # the device committed NEW; a later desired state (another model) failed on it while it
     # still runs NEW: that result is not about this rollout
     "a-later-failure-while-running-the-version-keeps-the-commit": Scenario(
-        spec("2,all"), fleet_of(4), [
+        spec("2,all", bake_s=60), fleet_of(4), [
             Step(0, "running", ["wave 0", "assign*2"]),
             Step(10, "running", []),
-            Step(60, "running", ["wave 1", "assign*2"],
+            Step(70, "running", ["wave 1", "assign*2"],
                  reports=fleet(overrides={(0, 1): OTHER_MODEL_FAILED})),
         ]),
     # never seen committed: a failure while it runs NEW may be a rollback of NEW that failed
@@ -538,7 +700,7 @@ SCENARIOS: dict[str, Scenario] = {
     # a committed device wiped and re-provisioned (same id, fresh agent): it runs nothing and
     # applied nothing, so it is pending again and holds the wave until it has re-applied
     "re-provisioned-device-is-pending-until-it-re-applies": Scenario(
-        spec("2,all"), fleet_of(4), [
+        spec("2,all", bake_s=60), fleet_of(4), [
             Step(0, "running", ["wave 0", "assign*2"]),
             Step(10, "running", []),
             Step(60, "running", [], reports=fleet(overrides={(0, 0): WIPED})),
@@ -632,7 +794,7 @@ def test_self_rolled_back_device_shows_the_version_it_runs_and_why() -> None:
 
 
 def test_summary_per_wave_and_gates() -> None:
-    sp = spec("50%,100%", max_error_rate=0.1)
+    sp = spec("50%,100%", bake_s=60, max_error_rate=0.1)
     devices = fleet_of(6)
     state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
     reports = fleet(overrides={(0, 1): "updating", (0, 2): "offline"})(state, devices)
@@ -644,8 +806,10 @@ def test_summary_per_wave_and_gates() -> None:
     gates = {g["gate"]: g for g in view["gates"]}
     assert gates["committed"]["ok"] is None
     assert gates["committed"]["detail"] == "1 of 3 devices committed, 2 pending"
-    assert gates["bake"] == {"wave": 0, "gate": "bake", "value": 30.0, "limit": 60.0,
-                             "ok": None, "detail": "30s of 60s since the wave's last assignment"}
+    first = state.wave_devices(0)[0]  # committed: first seen so at 30, when the bake restarts
+    assert gates["bake"] == {"wave": 0, "gate": "bake", "value": 0.0, "limit": 60.0,
+                             "ok": None, "detail": f"0s of 60s since the wave's last commit "
+                                                   f"({first})"}
     assert gates["failed"]["ok"] is True
     assert gates["error_rate"]["ok"] is None  # judged after the bake
     assert {r["reason"] for r in view["devices"]} == {None, "updating", "offline"}
@@ -732,6 +896,102 @@ def test_a_waiting_health_gate_names_the_devices_it_waits_for() -> None:
         "gates"]}
     assert shown["error_rate"]["ok"] is None and "waiting for 3 more" in \
         shown["error_rate"]["detail"]
+
+
+@pytest.mark.parametrize(("name", "state"), [
+    ("report-timeout-fails-the-wave", "offline, "),
+    ("report-timeout-fails-an-online-but-idle-device", "")],
+    ids=["offline", "online-but-idle"])
+def test_a_timed_out_device_is_named_in_the_failed_gate(name: str, state: str) -> None:
+    history = run(SCENARIOS[name])
+    final = history[-1][0]
+    first, silent = final.wave_devices(0)
+    assert final.reason == (
+        f"wave 0 gate error_rate: worst {first}: 0 against 0.05; 1 of 2 committed devices "
+        "missed the report deadline (1 judged, 0 still within it, 2 needed at min_reporting "
+        "100%); timed out, no 100 requests within report_timeout_s 600s of committing: "
+        f"{silent} ({state}0 requests in 600s)")
+    waiting = next(g for g in history[-2][0].gates if g.gate == "error_rate")
+    assert waiting.ok is None and waiting.detail.endswith(
+        f"(1 have, 2 needed at min_reporting 100%, each within 600s of committing): "
+        f"{silent} ({state}0 requests in 599s)")
+
+
+def test_an_excluded_device_is_named_in_the_passing_gate() -> None:
+    history = run(SCENARIOS["report-timeout-excludes-the-silent-device"])
+    state, actions = history[-1]
+    first, silent = state.wave_devices(0)
+    passed = next(a for a in actions if isinstance(a, GateReport) and a.gate == "error_rate")
+    assert passed.ok is True and passed.detail == (
+        f"worst {first}: 0 against 0.05 (1 of 2 committed devices judged, 1 excluded); "
+        "excluded, no 100 requests within report_timeout_s 600s of committing: "
+        f"{silent} (offline, 0 requests in 600s)")
+
+
+def test_a_wave_whose_every_committed_device_timed_out_passes_on_exclude() -> None:
+    sp = timed("exclude", waves="1,all")
+    devices = fleet_of(3)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    quiet = fleet(overrides={(0, 0): SILENT})
+    state, _ = plan(sp, state, devices, quiet(state, devices), 10)
+    state, actions = plan(sp, state, devices, quiet(state, devices), 610)
+    gate = next(a for a in actions if isinstance(a, GateReport) and a.gate == "error_rate")
+    assert gate.ok is True and gate.detail.startswith(
+        "no device judged yet (0 of 1 committed devices judged, 1 excluded); excluded, ")
+    assert state.wave == 1
+
+
+def test_a_device_times_out_per_gate() -> None:
+    """Requests but no drift windows: judged for the error rate, timed out for drift only."""
+    sp = timed("fail", max_psi=0.2)
+    devices = fleet_of(4)
+    state, _ = plan(sp, RolloutState("r", "digits", NEW), devices, [], 0)
+    no_drift = fleet(overrides={(0, 1): {"samples": 0, "max_psi": None}})
+    state, _ = plan(sp, state, devices, no_drift(state, devices), 10)
+    state, actions = plan(sp, state, devices, no_drift(state, devices), 610)
+    gates = {g.gate: g for g in actions if isinstance(g, GateReport)}
+    assert gates["error_rate"].ok is True and "timed out" not in gates["error_rate"].detail
+    assert gates["psi"].ok is False and gates["psi"].detail.endswith(
+        "timed out, no 100 predictions within report_timeout_s 600s of committing: "
+        f"{state.wave_devices(0)[1]} (0 predictions in 600s)")
+    assert state.status == "paused"
+
+
+def test_summary_shows_the_timed_out_devices() -> None:
+    """summary() is what GET /v1/rollouts/{id}, `rollout status` and the dashboard show."""
+    history = run(SCENARIOS["report-timeout-fails-the-wave"])
+    state = history[-1][0]
+    silent = state.wave_devices(0)[1]
+    view = summary(state, fleet(overrides={(0, 1): GONE})(state, fleet_of(4)))
+    gate = next(g for g in view["gates"] if g["gate"] == "error_rate")
+    assert gate["ok"] is False and "timed out, no 100 requests" in gate["detail"]
+    assert f"{silent} (offline, 0 requests in 600s)" in gate["detail"]
+    assert view["status"] == "paused" and view["reason"].endswith(gate["detail"])
+
+
+BAKE_STARTS: dict[str, tuple[list[Assignment], dict[str, int], tuple[int, str | None]]] = {
+    "nothing-committed": ([Assignment("a", 0, 5, None), Assignment("b", 0, 9, None)], {},
+                          (9, None)),
+    "committed-after-the-last-assignment": (
+        [Assignment("a", 0, 5, None), Assignment("b", 0, 9, None)], {"a": 20, "b": 12},
+        (20, "a")),
+    "assigned-after-the-last-commit": (
+        [Assignment("a", 0, 5, None), Assignment("c", 0, 30, None)], {"a": 20}, (30, None)),
+    "a-tie-is-the-assignment": ([Assignment("a", 0, 5, None), Assignment("c", 0, 20, None)],
+                                {"a": 20}, (20, None)),
+}
+
+
+@pytest.mark.parametrize(("wave", "committed_at", "start"), list(BAKE_STARTS.values()),
+                         ids=list(BAKE_STARTS))
+def test_bake_start(wave: list[Assignment], committed_at: dict[str, int],
+                    start: tuple[int, str | None]) -> None:
+    assert bake_start(wave, committed_at) == start
+
+
+def test_bake_start_of_no_devices_raises() -> None:
+    with pytest.raises(ValueError, match="wave: expected at least one assignment, got none"):
+        bake_start([], {})
 
 
 @pytest.mark.parametrize(("fraction", "committed", "needed"), [

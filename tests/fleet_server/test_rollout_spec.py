@@ -62,6 +62,15 @@ FROM_DICT: dict[str, tuple[dict[str, Any], RolloutSpec]] = {
                              RolloutSpec((F(1.0),), Gates(min_reporting=0.8))),
     "min-reporting-an-int-1": ({"waves": "all", "gates": {"min_reporting": 1}},
                                RolloutSpec((F(1.0),), Gates())),
+    "report-timeout-fails-by-default": (
+        {"waves": "all", "gates": {"report_timeout_s": 600}},
+        RolloutSpec((F(1.0),), Gates(report_timeout_s=600, on_report_timeout="fail"))),
+    "report-timeout-excludes": (
+        {"waves": "all", "gates": {"report_timeout_s": 600, "on_report_timeout": "exclude"}},
+        RolloutSpec((F(1.0),), Gates(report_timeout_s=600, on_report_timeout="exclude"))),
+    "no-report-timeout-written-as-null": (
+        {"waves": "all", "gates": {"report_timeout_s": None, "on_report_timeout": "fail"}},
+        RolloutSpec((F(1.0),), Gates())),
 }
 
 
@@ -156,6 +165,27 @@ BAD: dict[str, tuple[Any, str, str]] = {
                               "gates.min_reporting", "a number in (0, 1]"),
     "min-reporting-as-string": ({"waves": "all", "gates": {"min_reporting": "80%"}},
                                 "gates.min_reporting", "a number in (0, 1]"),
+    "report-timeout-negative": ({"waves": "all", "gates": {"report_timeout_s": -60}},
+                                "gates.report_timeout_s", "an integer >= 1 (seconds) or null"),
+    # a deadline of 0 would time a device out the moment it commits
+    "report-timeout-zero": ({"waves": "all", "gates": {"report_timeout_s": 0}},
+                            "gates.report_timeout_s", "an integer >= 1 (seconds) or null"),
+    "report-timeout-as-string": ({"waves": "all", "gates": {"report_timeout_s": "10m"}},
+                                 "gates.report_timeout_s", "an integer >= 1"),
+    "report-timeout-float": ({"waves": "all", "gates": {"report_timeout_s": 600.5}},
+                             "gates.report_timeout_s", "an integer >= 1"),
+    "report-timeout-bool": ({"waves": "all", "gates": {"report_timeout_s": True}},
+                            "gates.report_timeout_s", "an integer >= 1"),
+    "on-report-timeout-unknown": (
+        {"waves": "all", "gates": {"report_timeout_s": 600, "on_report_timeout": "skip"}},
+        "gates.on_report_timeout", "one of fail, exclude"),
+    "on-report-timeout-not-a-string": (
+        {"waves": "all", "gates": {"report_timeout_s": 600, "on_report_timeout": 1}},
+        "gates.on_report_timeout", "one of fail, exclude"),
+    # without a deadline nothing is ever excluded: refused rather than silently ignored
+    "exclude-without-a-deadline": ({"waves": "all", "gates": {"on_report_timeout": "exclude"}},
+                                   "gates.on_report_timeout",
+                                   "'fail' (the default) while gates.report_timeout_s is null"),
 }
 
 
@@ -192,6 +222,18 @@ def test_constructors_check_too() -> None:
 def test_min_reporting_defaults_to_every_committed_device() -> None:
     assert Gates().min_reporting == 1.0
     assert RolloutSpec.from_dict({"waves": "all"}).gates.min_reporting == 1.0
+
+
+def test_the_report_deadline_is_written_only_when_set() -> None:
+    """A spec without it reads on a server from before it existed (unknown fields refused)."""
+    plain = RolloutSpec.from_dict({"waves": "all"}).to_dict()["gates"]
+    assert "report_timeout_s" not in plain and "on_report_timeout" not in plain
+    assert Gates.from_dict(plain) == Gates()
+    timed = RolloutSpec.from_dict({"waves": "all", "gates": {
+        "report_timeout_s": 900, "on_report_timeout": "exclude"}})
+    gates = timed.to_dict()["gates"]
+    assert (gates["report_timeout_s"], gates["on_report_timeout"]) == (900, "exclude")
+    assert RolloutSpec.from_dict(timed.to_dict()) == timed
 
 
 def test_parse_waves_does_not_check_the_whole() -> None:

@@ -556,6 +556,17 @@ BAD_SPECS = [
     ("bad-on-failure", {"waves": "all", "on_failure": "explode"}, "on_failure"),
     ("unknown-field", {"waves": "all", "canary": 1}, "body.rollout.canary"),
     ("no-waves", {"gates": {}}, "body.rollout.waves"),
+    ("report-timeout-negative", {"waves": "all", "gates": {"report_timeout_s": -5}},
+     "gates.report_timeout_s"),
+    ("report-timeout-a-string", {"waves": "all", "gates": {"report_timeout_s": "10m"}},
+     "body.rollout.gates.report_timeout_s"),
+    ("report-timeout-a-bool", {"waves": "all", "gates": {"report_timeout_s": True}},
+     "body.rollout.gates.report_timeout_s"),
+    ("bad-on-report-timeout", {"waves": "all", "gates": {"report_timeout_s": 60,
+                                                          "on_report_timeout": "skip"}},
+     "gates.on_report_timeout"),
+    ("exclude-without-a-deadline", {"waves": "all", "gates": {"on_report_timeout": "exclude"}},
+     "gates.on_report_timeout"),
 ]
 
 
@@ -627,6 +638,43 @@ def test_a_health_quorum_through_the_api(api: tuple[Fleetlet, TestClient]) -> No
     assert dep["rollout"]["spec"]["gates"]["min_reporting"] == 0.5
 
 
+def test_a_report_deadline_through_the_api(api: tuple[Fleetlet, TestClient]) -> None:
+    f, client = api
+    gates = {"latency_gate": False, "max_error_rate": 0.05, "min_samples": 50,
+             "report_timeout_s": 600, "on_report_timeout": "exclude"}
+    dep = _json(client.post("/v1/deployments", json={
+        "model": MODEL, "version": "2", "selector": {"all": True},
+        "rollout": {"waves": "2,all", "gates": gates}}), 201)
+    rid = dep["id"]
+    spec = dep["rollout"]["spec"]["gates"]
+    assert (spec["report_timeout_s"], spec["on_report_timeout"]) == (600, "exclude")
+    f.settle()  # wave 0 commits now
+    talker, quiet = f.on("2")
+    f.metrics(talker, "2", ok=100)
+    f.send(Status(device_id=quiet, online=False, at=f.clock.now))  # gone, no telemetry
+
+    def error_gate() -> dict[str, Any]:
+        shown = _json(client.get(f"/v1/rollouts/{rid}"))
+        return dict(next(g for g in shown["gates"] if g["gate"] == "error_rate"))
+
+    f.maintain(599)
+    waiting = error_gate()
+    assert waiting["ok"] is None and waiting["wave"] == 0
+    assert f"{quiet} (offline, 0 requests in 599s)" in waiting["detail"]
+    assert "each within 600s of committing" in waiting["detail"]
+    assert f.on("2") == sorted([talker, quiet])
+    f.maintain(1)  # the deadline: excluded, the wave passes on the device that reported
+    assert len(f.on("2")) == 4
+    audited = next(e for e in _audit_actions(f) if e["target"] == f"rollout:{rid}"
+                   and any(a["action"] == "wave" and a["index"] == 1 for a in e["actions"]))
+    passed = next(a for a in audited["actions"] if a["action"] == "gate"
+                  and a["gate"] == "error_rate")
+    assert passed["ok"] is True and passed["detail"] == (
+        f"worst {talker}: 0 against 0.05 (1 of 2 committed devices judged, 1 excluded); "
+        "excluded, no 50 requests within report_timeout_s 600s of committing: "
+        f"{quiet} (offline, 0 requests in 600s)")
+
+
 def test_a_self_rollback_shows_in_the_api(api: tuple[Fleetlet, TestClient]) -> None:
     f, client = api
     rid = _json(client.post("/v1/deployments", json={
@@ -689,12 +737,19 @@ def test_rollout_commands_in_the_cli(served: Served) -> None:
     assert bad.exit_code == 2 and "waves[1]" in bad.output
     lonely = served.run("deploy", MODEL, "2", "--to", "all", "--bake", "60")
     assert lonely.exit_code == 2 and "need --waves" in lonely.output
+    no_deadline = served.run("deploy", MODEL, "2", "--to", "all", "--waves", "all",
+                             "--on-report-timeout", "exclude")
+    assert no_deadline.exit_code == 2 and "gates.on_report_timeout" in no_deadline.output
 
     deployed = served.run("deploy", MODEL, "2", "--to", "tag:lab", "--waves", "1,all",
                           "--no-latency-gate", "--max-failed", "0.5", "--min-committed", "0.5",
-                          "--min-reporting", "0.5", "--on-failure", "rollback")
+                          "--min-reporting", "0.5", "--report-timeout", "900",
+                          "--on-report-timeout", "exclude", "--on-failure", "rollback")
     assert deployed.exit_code == 0, deployed.output
     rid = json.loads(served.run("deployment", "list", "--json").stdout)[0]["rollout_id"]
+    gates = json.loads(served.run("rollout", "status", str(rid), "--json").stdout)["spec"][
+        "gates"]
+    assert (gates["report_timeout_s"], gates["on_report_timeout"]) == (900, "exclude")
     assert f"Rollout {rid} running in waves 1,all: wave 0 took 1 device(s)" in deployed.stdout
     assert f"fleet_server rollout status {rid}" in deployed.stdout
     [canary] = f.on("2")

@@ -54,14 +54,15 @@ exactly ``1..n`` (count, distinct count and max all ``n``), that ``stream_acks.u
 server's persistent MQTT session is cleared (a clean-session connect with its client id), so
 the broker does not queue a ceiling run's messages for the next server run.
 
-Reported (Markdown on stdout, progress on stderr): per run, rows/s, messages/s and CPU seconds
-of this process (the subscriber, or the whole server: link, asyncio loop, ingest worker, ack
-thread), of Mosquitto, of the publisher processes and of everything else on the machine; the
-median of each kind, their ratio, PASS/MISS against the goal, the integrity checks, and where
-the server's CPU went per thread (its parse processes included). To measure, this script
-wraps the runtime instance's ``_store_group`` (one transaction's messages) at run time (no
-library change): it counts stored rows there, to stop the clock and release the flow-control
-credit.
+Reported (Markdown on stdout, progress on stderr), with the JSON library the server reads
+telemetry with (orjson when installed, :data:`fleet_server.ingest_parse.ORJSON`): per run,
+rows/s, messages/s and CPU seconds of this process (the subscriber, or the whole server: link,
+asyncio loop, ingest worker, ack thread), of Mosquitto, of the publisher processes and of
+everything else on the machine; the median of each kind, their ratio, PASS/MISS against the
+goal, the integrity checks, and where the server's CPU went per thread (its parse processes
+included). To measure, this script wraps the runtime instance's ``_store_group`` (one
+transaction's messages) at run time (no library change): it counts stored rows there, to stop
+the clock and release the flow-control credit.
 
 Files go to ``--dir`` (default ``bench/out/ingest``, gitignored), emptied first.
 Exit codes: 0 done and every check passed (the goal is reported, never asserted), 1 error or a
@@ -915,7 +916,7 @@ def summary(config: Config, runs: Sequence[RunResult], checks: Sequence[Integrit
         "repeat": config.repeat, "workers": config.workers, "in_flight": config.in_flight,
         "messages": bench.messages,
         "bytes_per_message": bench.payload_bytes / max(1, bench.messages),
-        "cpus": os.cpu_count(), "python": sys.version.split()[0],
+        "cpus": os.cpu_count(), "python": sys.version.split()[0], "codec": codec_name(),
         "load_1m": os.getloadavg()[0],
         "ceiling_rows_per_s": c_rate, "servers": settings,
         # the first --parse-workers setting's, at the top level as before
@@ -934,13 +935,20 @@ def summary(config: Config, runs: Sequence[RunResult], checks: Sequence[Integrit
     }
 
 
+def codec_name() -> str:
+    """The JSON library the server's one-pass telemetry read uses (orjson when installed)."""
+    from fleet_server.ingest_parse import ORJSON
+
+    return ORJSON.name if ORJSON is not None else "the standard library's json"
+
+
 def markdown(s: dict[str, Any]) -> str:
     def f(value: float | None, fmt: str = ".1f") -> str:
         return "-" if value is None else format(value, fmt)
 
     out = [(f"### Telemetry ingest: {s['devices']} devices, {s['rows']:,} rows per run, "
             f"batches of {s['batch']} ({s['cpus']} CPUs, Python {s['python']}, "
-            f"load {s['load_1m']:.1f} at the end)\n")]
+            f"telemetry read with {s['codec']}, load {s['load_1m']:.1f} at the end)\n")]
     out.append("| devices | rows | batch | parse processes | ceiling rows/s | server rows/s "
                "| ratio | server CPU s (of it parse processes) | lost / duplicated "
                "| >= 50% of ceiling, nothing lost |")
@@ -1097,13 +1105,13 @@ def isolated(config: Config) -> dict[str, Any]:
         fleet.engine.dispose()
     return {"isolated": True, "devices": config.devices, "rows": config.rows,
             "batch": config.batch, "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0],
-            "runs": runs}
+            "codec": codec_name(), "runs": runs}
 
 
 def isolated_markdown(s: dict[str, Any]) -> str:
     out = [(f"### Ingest alone (--isolated): {s['devices']} devices, {s['rows']:,} rows per "
-            f"run, batches of {s['batch']} ({s['cpus']} CPUs, load {s['load_1m']:.1f} at the "
-            "end)\n"),
+            f"run, batches of {s['batch']} ({s['cpus']} CPUs, telemetry read with "
+            f"{s['codec']}, load {s['load_1m']:.1f} at the end)\n"),
            ("| pair | parse processes | ingest thread us CPU/row | parse processes us CPU/row "
             "| total us CPU/row | drain rows/s (wall) |"),
            "|--:|--:|--:|--:|--:|--:|"]

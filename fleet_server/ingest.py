@@ -14,9 +14,11 @@ checks them in parse processes, :class:`fleet_server.ingest_parse.ParsePool`).
 Why a group: at 10 records per message, a transaction's fixed cost (its begin and commit, the
 live-device check, the ack position's read and write, the device's ``last_seen_at``) was most
 of the ingest CPU. In a group those are one statement each for the whole group, sent straight
-to the driver, and each message adds one ``executemany`` insert and one read of what follows
-its stream's ack position. Nothing is cached across transactions: the database stays the one
-truth on ack positions and on revocation.
+to the driver, and each message adds one insert (on SQLite a multi-row ``INSERT`` per
+:data:`SQLITE_ROWS_PER_INSERT` records, not an ``executemany``: see
+``_insert_ignoring_duplicates``) and one read of what follows its stream's ack position.
+Nothing is cached across transactions: the database stays the one truth on ack positions and
+on revocation.
 
 :class:`IngestCounters` counts the results for the server's Prometheus ``/metrics``: records
 stored and duplicates per stream, rejects per reason class, acks sent. The runtime that feeds
@@ -37,6 +39,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
@@ -56,8 +59,8 @@ from fleet_server.ingest_parse import (
     check_messages,
 )
 
-__all__ = ["REJECT_COUNTS", "IngestCounters", "IngestResult", "handle_message",
-           "handle_messages", "store_checked"]
+__all__ = ["REJECT_COUNTS", "SQLITE_ROWS_PER_INSERT", "IngestCounters", "IngestResult",
+           "handle_message", "handle_messages", "store_checked"]
 
 log = logging.getLogger(__name__)
 #: process-wide reject counters by reason class (exported as metrics later)
@@ -135,6 +138,17 @@ def _marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
+def _value_rows(rows: int, width: int) -> str:
+    """``(?, ?), (?, ?)`` for ``rows`` rows of ``width`` values."""
+    return ", ".join(["(" + _marks(width) + ")"] * rows)
+
+
+#: rows per multi-row statement, so that its parameters stay under the 999 that SQLite allows
+#: before 3.32. Why multi-row statements rather than ``executemany``: see
+#: ``_insert_ignoring_duplicates``.
+_ROWS_PER_STATEMENT = 128
+
+
 def _live_devices(conn: Connection, device_ids: list[str]) -> set[str]:
     """Which of ``device_ids`` are registered and not revoked (one statement)."""
     if not device_ids:
@@ -157,17 +171,25 @@ def _ack_positions(conn: Connection, device_ids: list[str]) -> dict[tuple[str, s
 
 def _write_ack_positions(conn: Connection, before: dict[tuple[str, str], int],
                          after: dict[tuple[str, str], int]) -> None:
-    """Write the positions that moved or are new (one ``executemany`` each)."""
-    new = [(key[0], key[1], upto) for key, upto in after.items() if key not in before]
-    moved = [(upto, key[0], key[1]) for key, upto in after.items()
-             if key in before and before[key] != upto]
-    if new:
+    """Write the positions that moved or are new: one upsert (``INSERT ... ON CONFLICT DO
+    UPDATE``, as SQLite and PostgreSQL both write it) per :data:`_ROWS_PER_STATEMENT`."""
+    changed = [(*key, upto) for key, upto in after.items() if before.get(key) != upto]
+    for start in range(0, len(changed), _ROWS_PER_STATEMENT):
+        part = changed[start:start + _ROWS_PER_STATEMENT]
         conn.exec_driver_sql(_driver_sql(
-            conn, "INSERT INTO stream_acks (device_id, stream, upto_seq) VALUES (?, ?, ?)"), new)
-    if moved:
+            conn, f"INSERT INTO stream_acks (device_id, stream, upto_seq) VALUES "
+                  f"{_value_rows(len(part), 3)} ON CONFLICT (device_id, stream) "
+                  f"DO UPDATE SET upto_seq = excluded.upto_seq"),
+            tuple(chain.from_iterable(part)))
+
+
+def _touch_devices(conn: Connection, device_ids: list[str], now: int) -> None:
+    """Set ``last_seen_at`` of these devices: one statement per :data:`_ROWS_PER_STATEMENT`."""
+    for start in range(0, len(device_ids), _ROWS_PER_STATEMENT):
+        part = device_ids[start:start + _ROWS_PER_STATEMENT]
         conn.exec_driver_sql(_driver_sql(
-            conn, "UPDATE stream_acks SET upto_seq = ? WHERE device_id = ? AND stream = ?"),
-            moved)
+            conn, f"UPDATE devices SET last_seen_at = ? WHERE id IN ({_marks(len(part))})"),
+            (now, *part))
 
 
 def _reject(conn: Connection, refused: Refused, now: int) -> IngestResult:
@@ -183,27 +205,52 @@ _RECORD_KEY = [tables.device_records.c.device_id, tables.device_records.c.stream
 _PG_INSERT = pg_insert(tables.device_records).on_conflict_do_nothing(index_elements=_RECORD_KEY)
 _SQLITE_INSERT_STMT = sqlite_insert(tables.device_records).on_conflict_do_nothing(
     index_elements=_RECORD_KEY)
-_SQLITE_INSERT: list[str] = []  # _SQLITE_INSERT_STMT compiled, for SQLite (one compile)
+#: rows per ``device_records`` INSERT on SQLite (7 values each: see ``_ROWS_PER_STATEMENT``)
+SQLITE_ROWS_PER_INSERT = _ROWS_PER_STATEMENT
+#: _SQLITE_INSERT_STMT compiled for SQLite, one per row count (at most SQLITE_ROWS_PER_INSERT)
+_SQLITE_INSERTS: dict[int, str] = {}
+
+
+def _sqlite_insert(conn: Connection, rows: int) -> str:
+    """The SQLite ``INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING`` of ``rows`` rows,
+    positional parameters row by row in ``_RECORD_COLUMNS`` order (compiled once, then
+    cached)."""
+    text = _SQLITE_INSERTS.get(rows)
+    if text is None:
+        compiled = _SQLITE_INSERT_STMT.compile(dialect=conn.dialect,
+                                               column_keys=list(_RECORD_COLUMNS))
+        one = "VALUES " + _value_rows(1, len(_RECORD_COLUMNS))
+        if (not compiled.positional or tuple(compiled.positiontup or ()) != _RECORD_COLUMNS
+                or str(compiled).count(one) != 1):
+            raise RuntimeError(f"device_records insert: expected one row of positional "
+                               f"parameters {_RECORD_COLUMNS}, got {str(compiled)!r}")
+        text = str(compiled).replace(one, "VALUES " + _value_rows(rows, len(_RECORD_COLUMNS)))
+        _SQLITE_INSERTS[rows] = text
+    return text
 
 
 def _insert_ignoring_duplicates(conn: Connection, device_id: str, stream: str,
                                 rows: Sequence[tuple[object, ...]]) -> int:
-    """Insert ``rows`` (values in ``_RECORD_COLUMNS`` order) into ``device_records`` in one
-    statement, skipping those already stored (same device, stream, seq); return how many
-    were inserted."""
+    """Insert ``rows`` (values in ``_RECORD_COLUMNS`` order) into ``device_records``,
+    skipping those already stored (same device, stream, seq); return how many were
+    inserted.
+
+    On SQLite, one multi-row statement per :data:`SQLITE_ROWS_PER_INSERT` rows, sent straight
+    to the driver (SQLAlchemy's per-row parameter processing was a tenth of ingest), rather
+    than an ``executemany``: that one steps SQLite once per row, and each step releases the
+    GIL and then waits to take it back from the server's other threads (paho's network
+    thread), up to the 5 ms switch interval; with a busy thread beside it, that wait, not
+    SQLite, was most of the time the ingest thread spent storing."""
     table = tables.device_records
     if conn.dialect.name != "postgresql":
-        if not _SQLITE_INSERT:
-            compiled = _SQLITE_INSERT_STMT.compile(dialect=conn.dialect,
-                                                   column_keys=list(_RECORD_COLUMNS))
-            if not compiled.positional or tuple(compiled.positiontup or ()) != _RECORD_COLUMNS:
-                raise RuntimeError(f"device_records insert: expected positional parameters "
-                                   f"{_RECORD_COLUMNS}, got {compiled.positiontup}")
-            _SQLITE_INSERT.append(str(compiled))
-        # executemany straight to the driver with tuples: SQLAlchemy's per-row parameter
-        # processing was a tenth of ingest; sqlite3's rowcount is the sum over the rows
-        inserted = conn.exec_driver_sql(_SQLITE_INSERT[0], rows).rowcount
-        return min(len(rows), max(0, int(inserted)))
+        inserted = 0
+        for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
+            part = rows[start:start + SQLITE_ROWS_PER_INSERT]
+            # sqlite3's rowcount: the rows this statement inserted (conflicts skipped)
+            inserted += conn.exec_driver_sql(
+                _sqlite_insert(conn, len(part)),
+                tuple(chain.from_iterable(part))).rowcount
+        return min(len(rows), max(0, inserted))
     # psycopg's executemany rowcount is not the sum: count the batch's rows already stored
     have = conn.execute(select(func.count()).select_from(table).where(
         table.c.device_id == device_id, table.c.stream == stream,
@@ -311,10 +358,7 @@ def store_checked(fleet: Fleet, checked: Sequence[Checked], *, now: int) -> list
                     msg.device_id, msg.stream, stored=stored, duplicates=dups,
                     ack_topic=ack_topic(msg.device_id), ack_payload=ack.to_bytes()))
         _write_ack_positions(conn, before, positions)
-        if seen:
-            conn.exec_driver_sql(_driver_sql(
-                conn, "UPDATE devices SET last_seen_at = ? WHERE id = ?"),
-                [(now, device_id) for device_id in seen])
+        _touch_devices(conn, list(seen), now)
     for r in refused:  # counted once committed: a failed group is retried
         REJECT_COUNTS[r.kind] += 1
         log.warning("dropped device message on %r (%d bytes): %s", r.topic[:200], r.size,

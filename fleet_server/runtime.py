@@ -12,12 +12,13 @@
   transaction's fixed cost was most of a small batch's); their acks are queued only after the
   commit. If a group's transaction fails, its messages are stored one at a time, so one
   message the database refuses holds back no other device.
-- Parsing and checking a group (:func:`fleet_server.ingest_parse.check_message`, half to two
-  thirds of ingest's CPU) runs in a :class:`fleet_server.ingest_parse.ParsePool` of
-  ``parse_workers`` processes once there is a backlog, off the GIL: the worker hands group k+1
-  to the pool, stores group k meanwhile, then collects k+1 (in order; see the pool for what
-  happens when a parse process dies). A lone message on an idle server, or every message with
-  ``parse_workers=0``, is parsed on the worker thread itself, as before.
+- Parsing and checking a group (:func:`fleet_server.ingest_parse.check_message`, half of
+  ingest's CPU with orjson, two thirds without) runs in a
+  :class:`fleet_server.ingest_parse.ParsePool` of ``parse_workers`` processes once there is a
+  backlog, off the GIL: the worker hands group k+1 to the pool, stores group k meanwhile, then
+  collects k+1 (in order; see the pool for what happens when a parse process dies). A lone
+  message on an idle server, or every message with ``parse_workers=0``, is parsed on the
+  worker thread itself, as before.
 - Acks are published back from a second thread, so ingest never waits for a PUBACK: when
   several acks for one (device, stream) are waiting, only the newest (highest) is sent, since
   it covers the others.

@@ -13,6 +13,8 @@ neutral :class:`JSONError`; each public module translates it into its own error
   duplicate keys, integers over Python's digit limit and nesting past the recursion limit.
 - :func:`copy_json`: a deep copy of JSON data that refuses anything else (so a frozen
   object never shares, and never holds, what its caller may still change).
+- :func:`nesting_depth`: how deeply objects and arrays nest in parsed JSON data, without
+  recursion (so it answers for data nested up to the parser's own limit).
 - :func:`canonical_text` and :func:`parse_unchecked`: the two halves of a faster strict read,
   for a caller that proves the text canonical (``canonical_text(parse_unchecked(t)) == t``).
   Canonical text holds every key of an object once, and no ``\\u`` escape but those of
@@ -30,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["MAX_COPY_DEPTH", "JSONError", "canonical_json", "canonical_text", "copy_json",
-           "parse_json", "parse_unchecked"]
+           "nesting_depth", "parse_json", "parse_unchecked"]
 
 #: how deep :func:`copy_json` follows nested objects and arrays
 MAX_COPY_DEPTH = 100
@@ -143,6 +145,37 @@ def parse_unchecked(text: str) -> Any:
         return _UNCHECKED.decode(text)
     except (ValueError, RecursionError) as exc:
         raise JSONError("strict JSON", f"{type(exc).__name__}: {exc}") from exc
+
+
+def nesting_depth(value: object, limit: int) -> int:
+    """How many objects and arrays nest in ``value``: 0 for a scalar, 1 for ``{}`` or
+    ``[1]``, 2 for ``{"a": []}``; mappings and tuples count as objects and arrays. Counts as
+    :func:`copy_json`'s ``max_depth`` does, and stops looking past ``limit``: a deeper value
+    answers ``limit + 1``.
+
+    Raises:
+        ValueError: ``limit`` < 0.
+    """
+    if limit < 0:
+        raise ValueError(f"nesting_depth: expected limit >= 0, got {limit}")
+    if not isinstance(value, _CONTAINERS):
+        return 0
+    deepest = 1
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        if depth > limit:
+            return limit + 1
+        deepest = max(deepest, depth)
+        for item in (node.values() if isinstance(node, Mapping) else node):
+            if type(item) not in _SCALARS and isinstance(item, _CONTAINERS):
+                push((item, depth + 1))
+    return deepest
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_CONTAINERS = (Mapping, list, tuple)
 
 
 def copy_json(value: object, *, max_depth: int = MAX_COPY_DEPTH) -> Any:

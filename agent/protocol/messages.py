@@ -23,7 +23,11 @@ canonical JSON with plain records (what the agent sends), one pass parses it wit
 duplicate-key hook, checks every field and proves the payload canonical by rebuilding its text
 from the bodies it encodes anyway (``_json``'s docstring says why that comparison stands in for
 the hook); anything else takes the reference path (``from_bytes``), so both accept and refuse
-exactly the same payloads, with the same errors, and give the same rows.
+exactly the same payloads, with the same errors, and give the same rows. A caller with a faster
+JSON library passes it as a :class:`JSONCodec` (the server passes orjson's; this package stays
+standard library only): the same one-pass read then runs on bytes with that library, and a
+payload it cannot prove canonical takes the standard-library one-pass read, then the reference
+path. A record body nests at most :data:`MAX_BODY_DEPTH` objects and arrays deep, on every path.
 
 Errors: :class:`MessageError` (an :class:`agent.protocol.ProtocolError`, so a ``ValueError``)
 names the field, expected against actual; a bad topic raises
@@ -34,7 +38,7 @@ Pure: standard library only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -44,6 +48,7 @@ from agent.protocol.topics import DEVICE_ID_PATTERN, is_valid_device_id, parse_t
 
 __all__ = [
     "LAST_RESULTS",
+    "MAX_BODY_DEPTH",
     "MAX_MESSAGE_BYTES",
     "MESSAGE_TYPES",
     "SCHEMA_VERSION",
@@ -53,6 +58,7 @@ __all__ = [
     "DesiredState",
     "DeviceMessage",
     "DriftBatch",
+    "JSONCodec",
     "MessageError",
     "Record",
     "RecordRows",
@@ -69,6 +75,10 @@ __all__ = [
 SCHEMA_VERSION = 1
 #: the largest payload we parse or produce (bytes); brokers default far higher
 MAX_MESSAGE_BYTES = 256 * 1024
+#: how deeply objects and arrays may nest in a record body, the body itself counting as one
+#: (as ``_json.copy_json`` counts): a fixed bound, the same on every read path, well inside
+#: the parsers' own recursion limits
+MAX_BODY_DEPTH = _json.MAX_COPY_DEPTH
 #: what ``Reported.last_result`` may say (or null: nothing attempted yet)
 LAST_RESULTS = ("ok", "failed", "rolled_back", "refused")
 #: the acknowledged, sequence-numbered device streams
@@ -480,8 +490,13 @@ class Record:
             MessageError: a field is missing, of the wrong type or out of range.
         """
         r = _Reader(data, path, message)
-        return cls(seq=r.integer("seq", 1), kind=r.string("kind"), at=r.integer("at", 0),
-                   body=r.take("body", dict), unrecognized=r.rest())
+        seq, kind, at = r.integer("seq", 1), r.string("kind"), r.integer("at", 0)
+        body = r.take("body", dict)
+        depth = _json.nesting_depth(body, MAX_MESSAGE_BYTES)  # never deeper than the bytes
+        if depth > MAX_BODY_DEPTH:
+            raise r.error("body", f"objects and arrays nested at most {MAX_BODY_DEPTH} deep",
+                          f"{depth} deep")
+        return cls(seq=seq, kind=kind, at=at, body=body, unrecognized=r.rest())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data, unrecognized fields included (no checks: see ``to_bytes``)."""
@@ -637,14 +652,42 @@ class RecordRows:
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
-def parse_device_rows(topic: str, payload: bytes) -> Reported | Status | Ack | RecordRows:
-    """:func:`parse_device_message`, with telemetry and drift batches as :class:`RecordRows`.
+@dataclass(frozen=True)
+class JSONCodec:
+    """A faster JSON library for the one-pass read of :func:`parse_device_rows`, injected by a
+    caller that has one (this package imports only the standard library).
+
+    The read proves a payload canonical by rebuilding it with ``dumps`` from what ``loads``
+    made of it; that proof holds for ``canonical_json`` only where ``dumps`` writes what
+    ``canonical_json`` writes, so ``unsure`` must flag every payload where it may not.
+
+    Attributes:
+        name: for logs, e.g. ``"orjson 3.11"``.
+        loads: UTF-8 JSON bytes to data (dict, list, str, int, float, bool, None), refusing
+            invalid UTF-8, NaN and Infinity.
+        dumps: data to compact JSON bytes with sorted keys, UTF-8, escaping only what
+            ``canonical_json`` escapes.
+        errors: what ``loads`` and ``dumps`` raise on what they refuse.
+        unsure: True for every payload on which ``dumps`` may write a value otherwise than
+            ``canonical_json`` (say, a number form Python never writes): such a payload takes
+            the standard-library read.
+    """
+
+    name: str
+    loads: Callable[[bytes], Any]
+    dumps: Callable[[Any], bytes]
+    errors: tuple[type[Exception], ...]
+    unsure: Callable[[bytes], bool]
+
+
+def parse_device_rows(topic: str, payload: bytes, *,
+                      codec: JSONCodec | None = None) -> Reported | Status | Ack | RecordRows:
+    """:func:`parse_device_message`, with telemetry and drift batches as :class:`RecordRows`;
+    ``codec``: a faster JSON library for the one-pass read (module docstring).
 
     Raises:
         TopicError: the topic is not one of ours.
-        MessageError: as :func:`parse_device_message`, for the same payloads. One known
-            edge: the fast path runs about two stack frames shallower, so a body nested close
-            to Python's recursion limit (~990 levels) can be accepted here and refused there.
+        MessageError: as :func:`parse_device_message`, for the same payloads.
     """
     device_id, kind = parse_topic(topic)
     cls = MESSAGE_TYPES.get(kind)
@@ -652,7 +695,9 @@ def parse_device_rows(topic: str, payload: bytes) -> Reported | Status | Ack | R
         msg = parse_device_message(topic, payload)
         assert not isinstance(msg, _RecordBatch)  # by its topic kind
         return msg
-    fast = _canonical_rows(cls.STREAM, device_id, payload)
+    fast = None if codec is None else _codec_rows(cls.STREAM, device_id, payload, codec)
+    if fast is None:
+        fast = _canonical_rows(cls.STREAM, device_id, payload)
     if fast is not None:
         return fast
     batch = parse_device_message(topic, payload)  # the reference path: raises what it refuses
@@ -669,6 +714,25 @@ def parse_device_rows(topic: str, payload: bytes) -> Reported | Status | Ack | R
 _BATCH_FIELDS = ("schema_version", "device_id", "records")
 
 
+def _batch_records(data: object, device_id: str) -> list[Any] | None:
+    """The records of a parsed batch whose envelope ``_RecordBatch.from_dict`` accepts for
+    ``device_id`` (None: take the next path)."""
+    if type(data) is not dict or data.get("device_id") != device_id:
+        return None
+    version = data.get("schema_version")
+    records = data.get("records")
+    if (type(version) is not int or not 1 <= version <= SCHEMA_VERSION
+            or type(records) is not list or not records):
+        return None
+    return records
+
+
+def _too_deep(body: dict[str, Any]) -> bool:
+    """Whether a body nests past :data:`MAX_BODY_DEPTH`. The fast paths walk it only when its
+    JSON text holds more ``{`` and ``[`` than that (their count bounds its depth)."""
+    return _json.nesting_depth(body, MAX_BODY_DEPTH) > MAX_BODY_DEPTH
+
+
 def _canonical_rows(stream: str, device_id: str, raw: bytes) -> RecordRows | None:
     """The one-pass read of a canonical batch with plain records (module docstring); None when
     it cannot prove the payload valid and canonical: the caller then takes the reference path.
@@ -683,12 +747,8 @@ def _canonical_rows(stream: str, device_id: str, raw: bytes) -> RecordRows | Non
     try:
         text = raw.decode("utf-8")
         data = _json.parse_unchecked(text)
-        if type(data) is not dict or data.get("device_id") != device_id:
-            return None
-        version = data.get("schema_version")
-        records = data.get("records")
-        if (type(version) is not int or not 1 <= version <= SCHEMA_VERSION
-                or type(records) is not list or not records):
+        records = _batch_records(data, device_id)
+        if records is None:
             return None
         rows: list[tuple[int, str, int, str]] = []
         pieces: list[str] = []
@@ -707,6 +767,8 @@ def _canonical_rows(stream: str, device_id: str, raw: bytes) -> RecordRows | Non
             if kind_text is None:
                 kind_text = kinds[kind] = canon(kind)
             body_text = canon(body)
+            if body_text.count("{") + body_text.count("[") > MAX_BODY_DEPTH and _too_deep(body):
+                return None
             pieces.append(f'{{"at":{at},"body":{body_text},"kind":{kind_text},"seq":{seq}}}')
             rows.append((seq, kind, at, body_text))
         records_text = "[" + ",".join(pieces) + "]"
@@ -717,5 +779,57 @@ def _canonical_rows(stream: str, device_id: str, raw: bytes) -> RecordRows | Non
     if "{" + ",".join(parts) + "}" != text:
         return None
     return RecordRows(device_id=device_id, stream=stream, rows=tuple(rows),
-                      schema_version=version,
+                      schema_version=data["schema_version"],
+                      unrecognized={k: v for k, v in data.items() if k not in _BATCH_FIELDS})
+
+
+def _codec_rows(stream: str, device_id: str, raw: bytes, codec: JSONCodec) -> RecordRows | None:
+    """:func:`_canonical_rows` with an injected codec, on bytes; None also when the codec is
+    ``unsure`` of the payload (the caller then takes the standard-library read).
+
+    The proof: the payload is byte-identical to ``codec.dumps`` of what ``codec.loads`` made
+    of it, and holds nothing on which ``dumps`` and ``canonical_json`` may differ, so it is
+    the canonical JSON of that same data.
+    """
+    if not isinstance(raw, bytes) or len(raw) > MAX_MESSAGE_BYTES or codec.unsure(raw):
+        return None
+    dumps = codec.dumps
+    try:
+        data = codec.loads(raw)
+        records = _batch_records(data, device_id)
+        if records is None:
+            return None
+        rows: list[tuple[int, str, int, str]] = []
+        pieces: list[bytes] = []
+        kinds: dict[str, bytes] = {}
+        previous = 0  # seq >= 1, strictly increasing
+        for record in records:
+            if type(record) is not dict or len(record) != 4:
+                return None
+            seq, kind, at, body = record["seq"], record["kind"], record["at"], record["body"]
+            if (type(seq) is not int or type(at) is not int or type(kind) is not str
+                    or type(body) is not dict or seq <= previous or at < 0 or not kind):
+                return None
+            previous = seq
+            kind_json = kinds.get(kind)
+            if kind_json is None:
+                kind_json = kinds[kind] = dumps(kind)
+            body_json = dumps(body)
+            if (body_json.count(b"{") + body_json.count(b"[") > MAX_BODY_DEPTH
+                    and _too_deep(body)):
+                return None
+            pieces.append(b'{"at":%d,"body":%b,"kind":%b,"seq":%d}'
+                          % (at, body_json, kind_json, seq))
+            rows.append((seq, kind, at, body_json.decode("utf-8")))
+        records_json = b"[" + b",".join(pieces) + b"]"
+        parts = [dumps(key) + b":" + (records_json if key == "records" else dumps(value))
+                 for key, value in sorted(data.items())]
+    except KeyError:  # a record with four fields, not those four
+        return None
+    except codec.errors:
+        return None
+    if b"{" + b",".join(parts) + b"}" != raw:
+        return None
+    return RecordRows(device_id=device_id, stream=stream, rows=tuple(rows),
+                      schema_version=data["schema_version"],
                       unrecognized={k: v for k, v in data.items() if k not in _BATCH_FIELDS})

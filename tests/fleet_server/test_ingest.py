@@ -13,7 +13,12 @@ from agent.protocol.topics import device_topic
 from fleet_server import auth
 from fleet_server.db import atomic, tables
 from fleet_server.fleet import Fleet, init_data_dir, open_fleet
-from fleet_server.ingest import REJECT_COUNTS, handle_message, handle_messages
+from fleet_server.ingest import (
+    REJECT_COUNTS,
+    SQLITE_ROWS_PER_INSERT,
+    handle_message,
+    handle_messages,
+)
 from fleet_server.registry import devices
 from fleet_server.settings import Settings
 
@@ -60,6 +65,20 @@ def test_records_are_stored_once_and_acked_contiguously(fleet: Fleet) -> None:
     r3 = handle_message(fleet, topic, batch("dev-a", [2, 3, 4]), now=NOW)
     assert (r3.stored, r3.duplicates, ack_upto(r3)) == (1, 2, 6)
     assert stored(fleet, "dev-a") == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_batch_longer_than_one_insert_statement_counts_every_duplicate(fleet: Fleet) -> None:
+    # SQLite inserts SQLITE_ROWS_PER_INSERT rows per statement: the counts and the stored
+    # rows must not depend on where the statements split a message
+    size = SQLITE_ROWS_PER_INSERT
+    topic = device_topic("dev-a", "telemetry")
+    early = handle_message(fleet, topic, batch("dev-a", [5, size, size + 1, 2 * size + 3]),
+                           now=NOW)
+    assert (early.stored, early.duplicates, ack_upto(early)) == (4, 0, 0)
+    seqs = list(range(1, 2 * size + 5))  # three statements: size, size and 4 rows
+    result = handle_message(fleet, topic, batch("dev-a", seqs), now=NOW)
+    assert (result.stored, result.duplicates, ack_upto(result)) == (len(seqs) - 4, 4, seqs[-1])
+    assert stored(fleet, "dev-a") == seqs
 
 
 def test_a_batch_continuing_the_ack_still_walks_on_past_records_stored_early(
@@ -260,6 +279,11 @@ STORED_AS_BEFORE = [
      b'[{"seq": 1, "kind": "metrics", "at": 5, "body": {"b": 1.50, "a": "\\u00e9"}}]}')),
     ("record with an extra field", (b'{"device_id":"dev-a","records":[{"at":5,"body":{"z":1},'
      b'"kind":"m","seq":1,"x_future":true}],"schema_version":1}')),
+    # where orjson (the server's codec) writes otherwise than Python's json, and its int limit
+    ("floats as Python writes them", TelemetryBatch(device_id="dev-a", records=(
+        Record(seq=1, kind="m", at=5, body={"a": 1e-05, "b": 1e-07, "c": 2**64}),)).to_bytes()),
+    ("floats as orjson writes them", (b'{"device_id":"dev-a","records":[{"at":5,"body":'
+     b'{"a":0.00001,"b":1e-7},"kind":"m","seq":1}],"schema_version":1}')),
 ]
 
 

@@ -78,6 +78,7 @@ from agent.buffer.migrations import MIGRATIONS
 from agent.config import AgentConfig
 from agent.errors import StoreError
 from agent.protocol.messages import (
+    MAX_BODY_DEPTH,
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     STREAMS,
@@ -211,6 +212,11 @@ def _encode(kind: str, body: Mapping[str, Any], at: float) -> tuple[str, int, st
     except (ValueError, TypeError, UnicodeEncodeError, RecursionError) as exc:
         raise ValueError(f"body of kind {kind!r}: expected JSON data (no NaN, no lone "
                          f"surrogates), got {type(exc).__name__}: {exc}") from exc
+    if text.count("{") + text.count("[") > MAX_BODY_DEPTH:  # maybe too deep: check for real
+        try:  # the server refuses a deeper body: stored here it would stall the stream
+            Record.from_dict({"seq": 1, "kind": kind, "at": 0, "body": json.loads(text)})
+        except ValueError as exc:
+            raise ValueError(f"body of kind {kind!r}: {exc}") from exc
     # worst case: 6 bytes per escaped kind character, 19 digits each for at and seq
     size += _RECORD_OVERHEAD + 6 * len(kind) + 2 + 2 * 19
     if size > MAX_RECORD_BYTES:

@@ -32,6 +32,7 @@ from agent.buffer.migrations import MIGRATIONS, Migrations
 from agent.config import AgentConfig
 from agent.errors import StoreError
 from agent.protocol.messages import (
+    MAX_BODY_DEPTH,
     MAX_MESSAGE_BYTES,
     DriftBatch,
     TelemetryBatch,
@@ -202,6 +203,16 @@ def test_seqs_are_per_stream_and_pending_is_oldest_first(outbox: Outbox) -> None
     assert outbox.depth() == 5 and outbox.depth("drift") == 1
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    """A body ``levels`` + 1 objects deep (itself and ``levels`` nested below it)."""
+    body: dict[str, Any] = {}
+    inner = body
+    for _ in range(levels):
+        inner["a"] = {}
+        inner = inner["a"]
+    return body
+
+
 BAD_APPENDS = [
     ("unknown-stream", {"stream": "status"}, "stream"),
     ("unknown-priority", {"priority": "urgent"}, "priority"),
@@ -211,10 +222,23 @@ BAD_APPENDS = [
     ("nan-in-body", {"body": {"x": math.nan}}, "JSON"),
     ("lone-surrogate", {"body": {"x": "\ud800"}}, "JSON"),
     ("body-too-large", {"body": {"x": "a" * MAX_RECORD_BYTES}}, "at most"),
+    # the server refuses a body deeper than MAX_BODY_DEPTH: stored, it would stall the stream
+    ("body-too-deep", {"body": _nested(MAX_BODY_DEPTH)}, "nested at most 100 deep, got '101"),
+    ("body-deep-list", {"body": {"x": [[[]]] * 40 + [_nested(MAX_BODY_DEPTH - 1)]}},
+     "nested at most 100 deep, got '102"),
     ("negative-at", {"at": -1.0}, "at"),
     ("infinite-at", {"at": math.inf}, "at"),
     ("bool-at", {"at": True}, "at"),
 ]
+
+
+def test_a_body_exactly_as_deep_as_the_server_takes_is_appended_and_sent(outbox: Outbox) -> None:
+    body = _nested(MAX_BODY_DEPTH - 1)  # MAX_BODY_DEPTH objects in all
+    assert outbox.append("telemetry", "m", body, at=NOW, priority="metrics") == 1
+    ((payload, last),) = outbox.build_payloads("telemetry", 10)
+    topic = device_topic(outbox.device_id, "telemetry")
+    batch = parse_device_message(topic, payload)  # what the server reads
+    assert last == 1 and isinstance(batch, TelemetryBatch) and batch.records[0].body == body
 
 
 @pytest.mark.parametrize(("name", "change", "match"), BAD_APPENDS,

@@ -24,7 +24,11 @@ OS has no wheel), measured as info rows in (a) and (b).
     arrays out (the client encodes the request and decodes the answer inside the timed call).
     Two clients: ``lean`` (a raw keep-alive socket; what the server adds, the client costing
     as little as possible; the target is judged on this one) and ``AgentClient``
-    (``agent.serving.client``: http.client, what ``edgefleet-agent predict`` uses). Goal:
+    (``agent.serving.client``: http.client, what ``edgefleet-agent predict`` uses). The lean
+    client's JSON goes through ``agent.serving.wire`` (orjson when installed, as the agent's
+    own client); an info row times the same client with stdlib ``json`` both ways, what a
+    user writes without orjson. ``--json stdlib`` runs the agents with the standard
+    library's json (``EDGEFLEET_JSON=stdlib``). Goal:
     p50 overhead <= 0.3 ms. For comparison (info), the same lean client against an agent
     process with inline running turned off (``inline_max_s=0``: every request crosses to the
     pool and back), unless ``--no-pool-peer``, and against the asyncio-loop agent.
@@ -41,8 +45,12 @@ OS has no wheel), measured as info rows in (a) and (b).
     runs on both stacks users get, picked with uvicorn's explicit options: ``--http h11
     --loop asyncio`` (``pip install uvicorn``) and ``--http httptools --loop uvloop``
     (``uvicorn[standard]``, which ``fastapi[standard]`` installs); the table names the stack.
-    A stack whose modules are not importable is skipped and said so. Skipped, and said so,
-    without ``wrk``.
+    A stack whose modules are not importable is skipped and said so. When orjson is
+    installed, an info row runs the faster stack with FastAPI's ``ORJSONResponse`` and
+    ``orjson.loads`` of the body; the verdict stays against the peers written the usual way.
+    Each row also gives the server process's CPU time per request (utime + stime over the
+    timed run, every thread), steadier than requests/s on a shared machine. Skipped, and
+    said so, without ``wrk``.
 (c) Memory: VmRSS of the agent process (model loaded, after warm-up requests) against a bare
     ``python -c`` process that imports onnxruntime and holds an ``InferenceSession`` of the
     same model with the same thread options (after as many warm-up runs). Goal: <= +25 MB.
@@ -55,6 +63,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
+import json
 import os
 import platform
 import re
@@ -283,10 +293,20 @@ def measure_latency(port: int, others: dict[str, int], model: Path, sample: Any,
             return wire.decode_json_prediction(body).outputs
         return call
 
+    def json_stdlib(client: LeanClient) -> Callable[[], Any]:
+        """What a user writes without orjson: json.dumps of lists, json.loads, np.asarray."""
+        def call() -> Any:
+            request = json.dumps({"inputs": {k: v.tolist() for k, v in feeds.items()}},
+                                 separators=(",", ":")).encode()
+            body = client.post(path, wire.JSON_CONTENT_TYPE, request)
+            return {k: np.asarray(v) for k, v in json.loads(body)["outputs"].items()}
+        return call
+
     methods: dict[str, Callable[[], Any]] = {
         "raw session.run (in process)": lambda: session.run(None, feeds),
         "predict, binary, lean client": binary(lean),
         "predict, JSON, lean client": json_form(lean),
+        "predict, JSON, lean client with stdlib json": json_stdlib(lean),
     }
     if not lean_only:
         methods["predict, binary, AgentClient"] = lambda: agent.predict(MODEL_NAME, feeds,
@@ -325,11 +345,22 @@ def measure_latency(port: int, others: dict[str, int], model: Path, sample: Any,
             for name, v in samples.items()}
 
 
-def run_wrk(port: int, script: Path, duration: float, connections: int) -> tuple[float, int, str]:
-    """requests/s, non-2xx count, latency line."""
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of process ``pid`` (every thread), in seconds."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()  # fields from 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(port: int, script: Path, duration: float, connections: int, pid: int | None = None
+            ) -> tuple[float, int, str, float | None]:
+    """requests/s, non-2xx count, latency line, and the server's CPU per request (seconds;
+    ``None`` without ``pid``)."""
     url = f"http://127.0.0.1:{port}/v1/models/{MODEL_NAME}/predict"
+    cpu0 = proc_cpu_s(pid) if pid is not None else 0.0
     proc = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "-s",
                            str(script), url], capture_output=True, text=True, check=True)
+    cpu = proc_cpu_s(pid) - cpu0 if pid is not None else None
     rps = re.search(r"Requests/sec:\s+([\d.]+)", proc.stdout)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", proc.stdout)
     errors = re.search(r"Socket errors:.*", proc.stdout)
@@ -339,7 +370,10 @@ def run_wrk(port: int, script: Path, duration: float, connections: int) -> tuple
     detail = f"avg {lat.group(1)}" if lat else ""
     if errors:
         detail += f"; {errors.group(0)}"
-    return float(rps.group(1)), int(bad.group(1)) if bad else 0, detail
+    done = re.search(r"(\d+) requests in", proc.stdout)
+    per_request = cpu / int(done.group(1)) if cpu is not None and done and int(done.group(1)) \
+        else None
+    return float(rps.group(1)), int(bad.group(1)) if bad else 0, detail, per_request
 
 
 def wrk_script(out: Path, name: str, body: bytes, ctype: str, accept: str = "") -> Path:
@@ -357,12 +391,12 @@ def wrk_script(out: Path, name: str, body: bytes, ctype: str, accept: str = "") 
 #: the FastAPI peer's stacks: (uvicorn --http, --loop), as ``pip install uvicorn`` and as
 #: ``uvicorn[standard]`` (``fastapi[standard]``) run it
 PEER_STACKS = (("h11", "asyncio"), ("httptools", "uvloop"))
+#: the info peer: the faster stack with orjson both ways (``EDGEFLEET_PEER_ORJSON=1``)
+ORJSON_PEER_STACK = ("httptools", "uvloop")
 
 
 def stack_available(http: str, loop: str) -> bool:
     """Whether uvicorn can run with these options here (their modules import)."""
-    import importlib.util
-
     modules = [m for m in (http, loop) if m != "asyncio"]
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
@@ -415,7 +449,7 @@ def machine_info() -> dict[str, str]:
             "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
             "python": platform.python_version(),
             "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    for dist in ("onnxruntime", "numpy", "fastapi", "uvicorn", "uvloop", "httptools"):
+    for dist in ("onnxruntime", "numpy", "fastapi", "uvicorn", "uvloop", "httptools", "orjson"):
         try:
             info[dist] = version(dist)
         except PackageNotFoundError:
@@ -447,6 +481,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also measure (a) with a SCHED_IDLE spinner per core (info)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="the main agent's event loop (auto: the daemon's choice)")
+    p.add_argument("--json", choices=("auto", "stdlib"), default="auto",
+                   help="the agents' JSON codec: auto (orjson when installed, as the daemon "
+                   "does) or stdlib (EDGEFLEET_JSON=stdlib)")
     p.add_argument("--inline-max-us", type=float, default=None,
                    help="the agent's inline limit in us (default: ModelHost's); 0: pool only")
     p.add_argument("--serve-agent", type=Path, help=argparse.SUPPRESS)
@@ -494,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--serve-agent", str(model), "--port-file",
                  str(port_file), "--threads", str(args.threads), "--workers",
-                 str(args.workers), *extra], cwd=ROOT)
+                 str(args.workers), *extra], cwd=ROOT,
+                env=dict(os.environ, EDGEFLEET_JSON=args.json))
             procs.append(proc)
             proc_port = wait_port(port_file, proc)
             wait_http(proc_port, path, json_body)
@@ -504,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         str(args.inline_max_us)]
         agent, port = start_agent("agent", [*inline, "--loop", args.loop])
         loop_name = loop_factory(args.loop)[0]
+        json_label = ", stdlib json" if args.json == "stdlib" else ""
         others: dict[str, int] = {}
         pool_agent = fallback_agent = None
         if not args.no_pool_peer:
@@ -563,14 +602,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             json_script = wrk_script(scratch, "json", json_body, wire.JSON_CONTENT_TYPE)
             bin_script = wrk_script(scratch, "binary", wire.encode_tensors({"input": sample}),
                                     wire.TENSORS_CONTENT_TYPE, wire.TENSORS_CONTENT_TYPE)
-            targets: dict[str, tuple[int, Path]] = {
-                f"agent JSON ({loop_name})": (port, json_script),
-                f"agent binary ({loop_name})": (port, bin_script)}
-            if "asyncio loop" in others:
-                targets["agent JSON (asyncio)"] = (others["asyncio loop"], json_script)
+            targets: dict[str, tuple[int, Path, int]] = {
+                f"agent JSON ({loop_name}{json_label})": (port, json_script, agent.pid),
+                f"agent binary ({loop_name})": (port, bin_script, agent.pid)}
+            if fallback_agent is not None:
+                targets[f"agent JSON (asyncio{json_label})"] = (
+                    others["asyncio loop"], json_script, fallback_agent.pid)
             peer_rss: dict[str, float] = {}
-            for http, loop in PEER_STACKS:
-                stack = f"uvicorn {version('uvicorn')}, {http} + {loop}"
+            peer_stacks = [(http, loop, False) for http, loop in PEER_STACKS]
+            if importlib.util.find_spec("orjson") is not None:
+                peer_stacks.append((*ORJSON_PEER_STACK, True))
+            for http, loop, fast_json in peer_stacks:
+                stack = (f"uvicorn {version('uvicorn')}, {http} + {loop}"
+                         + (f", ORJSONResponse + orjson.loads, orjson {version('orjson')}"
+                            if fast_json else ""))
                 if not stack_available(http, loop):
                     log(f"(b) throughput: peer on {http} + {loop} skipped: not installed")
                     rows.append([f"(b) throughput: peer JSON ({stack})",
@@ -582,34 +627,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                     [sys.executable, "-m", "uvicorn", "fastapi_peer:app", "--app-dir",
                      str(PEER_DIR), "--host", "127.0.0.1", "--port", str(peer_port),
                      "--workers", "1", "--no-access-log", "--log-level", "warning",
-                     "--http", http, "--loop", loop], env=env)
+                     "--http", http, "--loop", loop],
+                    env=dict(env, EDGEFLEET_PEER_ORJSON="1" if fast_json else "0"))
                 procs.append(peer)
                 wait_http(peer_port, path, json_body)
                 name = f"peer JSON ({stack})"
-                targets[name] = (peer_port, json_script)
+                targets[name] = (peer_port, json_script, peer.pid)
                 peer_rss[name] = rss_mb(peer.pid)
-            results: dict[str, list[tuple[float, int, str]]] = {name: [] for name in targets}
+            results: dict[str, list[tuple[float, int, str, float | None]]] = {
+                name: [] for name in targets}
             for r in range(args.wrk_rounds):
                 names = list(targets) if r % 2 == 0 else list(reversed(targets))
                 for name in names:
-                    p, script = targets[name]
+                    p, script, pid = targets[name]
                     log(f"  round {r + 1}: {name} (warm-up 2 s, then {args.duration:g} s)")
                     run_wrk(p, script, 2.0, args.connections)
-                    results[name].append(run_wrk(p, script, args.duration, args.connections))
+                    results[name].append(run_wrk(p, script, args.duration, args.connections,
+                                                 pid))
 
             def mean_rps(name: str) -> float:
                 return sum(x[0] for x in results[name]) / len(results[name])
 
-            best_peer = max((n for n in targets if n.startswith("peer")), key=mean_rps)
+            # the verdict is against the peers users write by hand (stdlib json in FastAPI)
+            best_peer = max((n for n in targets if n.startswith("peer") and "orjson" not in n),
+                            key=mean_rps)
             peer_rps = mean_rps(best_peer)
             for name in targets:
                 rps = mean_rps(name)
                 bad = sum(x[1] for x in results[name])
                 detail = "; ".join(x[2] for x in results[name])
-                judged = name == f"agent JSON ({loop_name})"
+                cpus = [x[3] for x in results[name] if x[3] is not None]
+                cpu = (f"; server CPU {sum(cpus) / len(cpus) * 1e6:.0f} us/request"
+                       if cpus else "")
+                judged = name == f"agent JSON ({loop_name}{json_label})"
                 rows.append([f"(b) throughput, wrk -t2 -c{args.connections}: {name}",
-                             f"{rps:,.0f} req/s (non-2xx {bad}; {detail})",
-                             f"{rps / peer_rps:.2f}x the fastest peer",
+                             f"{rps:,.0f} req/s (non-2xx {bad}; {detail}{cpu})",
+                             f"{rps / peer_rps:.2f}x the fastest peer"
+                             + (" (not orjson's)" if "orjson" in name else ""),
                              f">= {GOAL_THROUGHPUT_RATIO}x" if judged else "(info)",
                              verdict(rps / peer_rps >= GOAL_THROUGHPUT_RATIO) if judged else ""])
             for name, mb in peer_rss.items():

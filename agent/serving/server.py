@@ -67,6 +67,11 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers
 _RECV_BYTES = 64 * 1024  # the most one socket read takes
+# A keep-alive client sends the same request head every time (same path, headers and length):
+# the server keeps the parse of up to _HEAD_MEMO_ENTRIES heads of at most _HEAD_MEMO_BYTES,
+# keyed by their exact bytes (a dict lookup instead of about 3 us of parsing per request)
+_HEAD_MEMO_ENTRIES = 64
+_HEAD_MEMO_BYTES = 1024
 _PREDICT_PREFIX = "/v1/models/"
 _PREDICT_SUFFIX = "/predict"
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
@@ -99,6 +104,9 @@ class _Date:
 
 
 class _Request:
+    """A parsed request head; shared by every request with the same head bytes (never
+    changed after :func:`_parse_head` builds it)."""
+
     __slots__ = ("headers", "keep_alive", "length", "method", "path")
 
     def __init__(self, method: str, path: str, headers: dict[str, str], length: int,
@@ -266,11 +274,19 @@ class _Connection(asyncio.BufferedProtocol):
                     elif self._eof:
                         self.close()
                     return
-                try:
-                    request = _parse_head(bytes(self._buf[:end]))
-                except _HttpError as err:
-                    self._fail(err)
-                    return
+                raw = bytes(self._buf[:end])
+                heads = self._server._heads
+                request = heads.get(raw)
+                if request is None:
+                    try:
+                        request = _parse_head(raw)
+                    except _HttpError as err:
+                        self._fail(err)
+                        return
+                    if end <= _HEAD_MEMO_BYTES:
+                        if len(heads) >= _HEAD_MEMO_ENTRIES:
+                            heads.clear()
+                        heads[raw] = request
                 del self._buf[:end + 4]
                 if request.length > self._server.max_body_bytes:
                     self._refuse_body(request)
@@ -512,6 +528,7 @@ class InferenceServer:
         self._max_buffer = MAX_HEAD_BYTES + max_body_bytes
         self._date = _Date()
         self._recv_view = memoryview(bytearray(_RECV_BYTES))  # see _Connection
+        self._heads: dict[bytes, _Request] = {}  # head bytes -> parse (see _HEAD_MEMO_ENTRIES)
         self._connections: set[_Connection] = set()
         self._idle: asyncio.Event | None = None  # set when no predict is running (stop())
         self._busy: set[_Connection] = set()

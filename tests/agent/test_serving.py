@@ -130,6 +130,17 @@ def port(served: tuple[ServerThread, list[tuple[Any, ...]]]) -> int:
     return served[0].server.port
 
 
+@pytest.fixture(params=["orjson", "stdlib"])
+def json_codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The JSON form with orjson (when installed) and with the standard library's json: the
+    server and the client answer the same either way (tests/agent/test_serving_json.py)."""
+    if request.param == "orjson":
+        monkeypatch.setattr(wire, "_orjson", pytest.importorskip("orjson"))
+    else:
+        monkeypatch.setattr(wire, "_orjson", None)
+    return str(request.param)
+
+
 def request(port: int, method: str, path: str, body: bytes | None = None,
             headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -172,7 +183,8 @@ def test_healthz_and_models(port: int) -> None:
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_predict_round_trip_equals_onnxruntime(port: int, model_v1: Path, binary: bool) -> None:
+def test_predict_round_trip_equals_onnxruntime(port: int, model_v1: Path, binary: bool,
+                                               json_codec: str) -> None:
     want = direct(model_v1, X)
     with AgentClient("127.0.0.1", port) as client:
         got = client.predict("tiny", {"x": X}, binary=binary)
@@ -282,6 +294,27 @@ def test_pipelined_predicts_answer_in_order_in_either_placement(model_v1: Path,
     labels = [a["outputs"]["label"] for a in answers if "outputs" in a]
     assert labels == want + want
     assert answers[3] == {"status": "ok", "models": 1}
+
+
+def test_repeated_request_heads_are_each_answered_as_sent(port: int) -> None:
+    """The server keeps the parse of request heads by their bytes: a repeated head answers
+    like the first, a head differing in one header is its own (``Connection: close`` closes),
+    and more distinct heads than it keeps are still all answered."""
+    body = json.dumps({"inputs": {"x": X[:1].tolist()}}).encode()
+
+    def head(extra: bytes) -> bytes:
+        return (b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: t\r\n" + extra
+                + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body))
+
+    distinct = b"".join(head(b"X-Trace: %d\r\n" % i) for i in range(100))
+    data = raw_exchange(port, head(b"") + distinct + head(b"") + head(b"Connection: close\r\n")
+                        + head(b""))
+    answers = data.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert len(answers) == 103  # the request after "Connection: close" is not read
+    assert [b"Connection: close" in a for a in answers] == [False] * 102 + [True]
+    labels = {json.loads(a.partition(b"\r\n\r\n")[2])["outputs"]["label"][0] for a in answers}
+    assert labels == {int(np.argmax(X[0] @ W1))}
 
 
 class WhereItRan:
@@ -493,6 +526,8 @@ ERROR_CASES = [
      JSON_CT, 400, "bad_request", ["'x'", "ragged"]),
     ("malformed-json", "POST", PREDICT, b'{"inputs": {"x": [[1, 2', JSON_CT, 400,
      "bad_request", ["not JSON"]),
+    ("json-nested-too-deeply", "POST", PREDICT, b'{"inputs":{"x":' + b"[" * 2000 + b"]" * 2000
+     + b"}}", JSON_CT, 400, "bad_request", ["not JSON", "nested too deeply"]),
     ("json-not-an-object", "POST", PREDICT, b"[1, 2, 3]", JSON_CT, 400, "bad_request",
      ['{"inputs"']),
     ("oversized", "POST", PREDICT, b"x" * (MAX_BODY + 1), JSON_CT, 413, "payload_too_large",
@@ -524,7 +559,8 @@ ERROR_CASES = [
 @pytest.mark.parametrize(("method", "path", "body", "headers", "status", "kind", "words"),
                          [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_error_cases(port: int, method: str, path: str, body: bytes | None,
-                     headers: dict[str, str], status: int, kind: str, words: list[str]) -> None:
+                     headers: dict[str, str], status: int, kind: str, words: list[str],
+                     json_codec: str) -> None:
     got, got_headers, data = request(port, method, path, body, headers)
     assert got == status, data
     assert got_headers["content-type"] == "application/json"

@@ -8,9 +8,12 @@ Usage::
 
 Each size is one :class:`fleet_server.simulate.FleetSimulation` (see that module for what is
 real and what each number means): a fresh server data dir, N provisioned devices (profiles
-``rpi4`` and ``rpi-zero2w`` alternating), N real agents in worker processes (at most 80 per
-process: paho-mqtt's ``select()`` cannot watch descriptors numbered 1024 or more, so
-``--workers`` is raised to N/80), ``digits 1.0.0`` deployed to all of them. Converted bundles
+``rpi4`` and ``rpi-zero2w`` alternating), N real agents in worker processes of
+``--agents-per-worker`` agents each (80: 13 processes for 1,000), ``digits 1.0.0`` deployed to
+all of them. With ``--mqtt-loop shared`` (the default) one thread per worker drives all its
+agents' MQTT connections; with ``thread`` each agent has its own paho network thread, as on a
+device (a process then holds at most 80: paho's ``select()`` cannot watch descriptors numbered
+1024 or more). The second table splits the agents' CPU by worker thread. Converted bundles
 are cached in ``--work-dir`` (default ``bench/out/fleet_sim``, gitignored).
 
 The goal (issue 5): deploy -> 1,000 simulated devices committed on real Mosquitto on this
@@ -42,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from agent.errors import AgentError  # noqa: E402 - after the sys.path line above
 from fleet_server.errors import FleetError  # noqa: E402
 from fleet_server.simulate import (  # noqa: E402
+    MQTT_LOOPS,
     FleetSimulation,
     SimConfig,
     SimResult,
@@ -49,6 +53,12 @@ from fleet_server.simulate import (  # noqa: E402
 )
 
 GOAL_DEVICES = 1000
+#: agents per worker process. One process's agents share one GIL, one asyncio loop and one
+#: pool of --executor-threads: 80 agents and 16 threads a process cost the least CPU per device
+#: at 1,000 devices (2 or 4 processes of 32-64 threads spent 3-12 ms more per device on GIL
+#: hand-offs; see BENCHMARKS.md)
+AGENTS_PER_WORKER = 80
+THREAD_KINDS = ("loop", "executor", "mqtt-driver", "paho")  # SimResult.agents_by_thread
 GOAL_S = 20.0
 
 
@@ -70,6 +80,8 @@ def _row(n: int, result: SimResult | None, load: float, error: str | None,
         else 1e3 * result.agents_cpu_s / per,
         "agent_rss_mb_per_device": result.agent_rss_mb_per_device,
         "agent_threads": result.agent_threads, "setup_s": result.setup_s, "load_1m": load,
+        "mqtt_loop": result.config["mqtt_loop"],
+        "agents_by_thread": result.agents_by_thread,
         "load_1m_after": load_after, "pending": result.count("pending"),
         # what the 2 cores had to do per device: the goal needs about 2 x 20 s / 1000 = 40 ms
         "total_cpu_ms_per_device": 1e3 * sum(measured) / per,
@@ -101,6 +113,22 @@ def markdown(rows: list[dict[str, Any]], broker: str, goal_s: float) -> str:
             f"{_f(r['agents_cpu_ms_per_device'])} | {_f(r['total_cpu_ms_per_device'])} | "
             f"{_f(r['agent_rss_mb_per_device'])} | "
             f"{r['load_1m']:.1f} / {r['load_1m_after']:.1f} |")
+    lines += ["", ("Agents' CPU by worker thread (ms per device; context switches voluntary + "
+              "forced, per device):"), "",
+              "| devices | MQTT loop | " + " | ".join(THREAD_KINDS) + " |",
+              "|---:|---|" + "---:|" * len(THREAD_KINDS)]
+    for r in rows:
+        split = r.get("agents_by_thread")
+        if not split:
+            continue
+        per = max(1, r["devices"])
+        cells = []
+        for kind in THREAD_KINDS:
+            t = split.get(kind)
+            cells.append("-" if t is None else
+                         f"{1e3 * t['cpu_s'] / per:.1f} ({t['voluntary'] / per:.0f} + "
+                         f"{t['nonvoluntary'] / per:.0f})")
+        lines.append(f"| {r['devices']} | {r['mqtt_loop']} | " + " | ".join(cells) + " |")
     lines.append("")
     ok = [r for r in rows if "error" not in r and r["converged"]]
     goal = next((r for r in ok if r["devices"] == GOAL_DEVICES), None)
@@ -127,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100,300,1000",
                         help="device counts, comma-separated (%(default)s)")
     parser.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="worker processes (raised to N/80) (%(default)s)")
+    parser.add_argument("--agents-per-worker", type=int, default=AGENTS_PER_WORKER,
+                        help="worker processes: N divided by this, rounded up (%(default)s)")
+    parser.add_argument("--mqtt-loop", choices=MQTT_LOOPS, default=SimConfig.mqtt_loop,
+                        help="'shared': one MQTT driver thread per worker process; 'thread': "
+                             "a paho network thread per agent, as on a device (%(default)s)")
+    parser.add_argument("--executor-threads", type=int, default=SimConfig.executor_threads,
+                        help="threads per worker for the agents' blocking work (%(default)s)")
     parser.add_argument("--worker-nice", type=int, default=0,
                         help="niceness of the worker processes (%(default)s)")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -137,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out" / "fleet_sim")
     parser.add_argument("--json", action="store_true", help="JSON rows instead of Markdown")
     args = parser.parse_args(argv)
+    if args.agents_per_worker < 1:
+        parser.error(f"--agents-per-worker: expected >= 1, got {args.agents_per_worker}")
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -147,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         load = os.getloadavg()[0]
         print(f"== {n} devices on {args.broker} (load {load:.1f})", file=sys.stderr, flush=True)
-        config = SimConfig(devices=n, workers=args.workers, broker=args.broker,
+        workers = -(-n // args.agents_per_worker)
+        config = SimConfig(devices=n, workers=workers, broker=args.broker,
                            timeout_s=args.timeout, worker_nice=args.worker_nice,
+                           mqtt_loop=args.mqtt_loop, executor_threads=args.executor_threads,
                            work_dir=args.work_dir)
         result, error = None, None
         t0 = time.perf_counter()

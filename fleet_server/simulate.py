@@ -42,15 +42,31 @@ N agents is the host's contention, not a device's speed, and at the profiles' 50
 devices roll back at 100 devices). ``0`` keeps the profile's value. The golden-output check is
 unchanged, and that is what ``--fail-fraction`` trips.
 
-Processes: paho-mqtt waits with ``select()``, which cannot watch descriptors numbered 1024 or
-more, so one process holds at most :data:`MAX_AGENTS_PER_PROCESS` agents; ``--workers`` is
-raised to match (1,000 devices: 13 workers). ``--worker-nice`` lowers their priority so the
-server's CPU is not taken by the devices, as on real hardware (default 0: all share equally).
+Processes and threads (``--mqtt-loop``): a device runs one MQTT link on paho's own network
+thread. ``thread`` hosts the agents that way, a paho thread each; paho waits with ``select()``,
+which cannot watch descriptors numbered 1024 or more, so one process then holds at most
+:data:`MAX_AGENTS_PER_PROCESS` agents and ``--workers`` is raised to match (1,000 devices: 13
+workers). ``shared`` (the default) hands every link of a worker process to one
+:class:`agent.transport.mqtt.LinkDriver`, a thread that runs all their paho clients on epoll,
+so a process holds up to :data:`MAX_AGENTS_PER_SHARED_PROCESS`. What differs from a device is
+only who reads and writes the socket: the agent's code (reconcile, TUF fetch, install, health
+check, report) and the link's callbacks, events, publishes and PUBACK waits are the same, and
+each device keeps its own connection, credentials and session. The driver connects with a
+blocking TCP connect (fine on loopback) and checks keep-alives once a second for all links.
+Either way the agents of a process share one asyncio loop and one ``--executor-threads`` pool
+for their blocking work, where a device has its own; ``--executor-order newest-first`` (the
+default) runs a device's report right after its update, as on a device, instead of behind every
+other device's queued update. The hosting lives in :mod:`fleet_server.simulate_devices`.
+``--worker-nice`` lowers the workers' priority so the server's CPU is not taken by the devices,
+as on real hardware (default 0: all share equally).
 
 Measurements and their caveats: server CPU is ``getrusage(RUSAGE_SELF)`` of this process minus
 the CPU of the thread that drives the simulation (deploy request, polling); with
 ``--workers 0`` it includes the agents too, and with the embedded broker it includes the
-broker. Mosquitto's and the workers' CPU and RSS come from ``/proc``. "Messages" are what the
+broker. Mosquitto's and the workers' CPU and RSS come from ``/proc``, the workers' CPU and
+context switches by thread kind (loop, executor, MQTT driver or paho threads) from
+``/proc/self/task`` (``schedstat``: nanoseconds, where ``stat`` counts whole ticks), and the
+machine's busy CPU (every process on the host) from ``/proc/stat``. "Messages" are what the
 server ingested (device -> server: status, reported, telemetry) plus the desired states it
 published.
 
@@ -61,15 +77,10 @@ Exit codes: 0 every device converged, 1 some did not within ``--timeout`` (or an
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
 import contextlib
-import importlib
 import io
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import random
 import re
@@ -81,28 +92,46 @@ import tarfile
 import tempfile
 import threading
 import time
-import traceback
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import Any, Self
 
-from tuf.api import exceptions as tuf_exc
-from tuf.ngclient.fetcher import FetcherInterface
-
-if TYPE_CHECKING:
-    from agent.daemon.app import Agent
+from fleet_server.simulate_devices import (
+    EXECUTOR_ORDERS,
+    MAX_AGENTS_IN_SERVER_PROCESS,
+    MAX_AGENTS_PER_PROCESS,
+    MAX_AGENTS_PER_SHARED_PROCESS,
+    MQTT_LOOPS,
+    AgentShard,
+    DeviceSpec,
+    NewestFirstExecutor,
+    ProcessShard,
+    Shard,
+    ShardOptions,
+    SimFetcher,
+    SimLink,
+    ThreadShard,
+    machine_busy_s,
+    proc_cpu_s,
+    raise_nofile_limit,
+    thread_deltas,
+)
 
 __all__ = [
     "BAD_VERSION",
+    "EXECUTOR_ORDERS",
     "MAX_AGENTS_IN_SERVER_PROCESS",
     "MAX_AGENTS_PER_PROCESS",
+    "MAX_AGENTS_PER_SHARED_PROCESS",
     "MODEL",
+    "MQTT_LOOPS",
     "VERSION",
     "AgentShard",
     "DeviceSpec",
     "FleetSimulation",
+    "NewestFirstExecutor",
     "ShardOptions",
     "SimConfig",
     "SimFetcher",
@@ -113,6 +142,7 @@ __all__ = [
     "config_from_args",
     "main",
     "raise_nofile_limit",
+    "workers_for",
     "write_sim_profiles",
 ]
 
@@ -121,16 +151,6 @@ log = logging.getLogger(__name__)
 MODEL = "digits"
 VERSION = "1.0.0"
 BAD_VERSION = "1.0.1"  # VERSION with golden outputs the model cannot reproduce
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-#: agents one process can hold. paho-mqtt 2.2 waits on its socket with select(), which cannot
-#: watch a descriptor numbered 1024 or above (and paho swallows that ValueError: the link just
-#: never connects; eclipse-paho/paho.mqtt.python#183). An agent holds about 11 descriptors
-#: (two SQLite files with WAL and SHM, the MQTT socket and paho's socket pair, the local API's
-#: listener, a keep-alive HTTP connection), so about 90 fit; keep a margin for reconnects.
-MAX_AGENTS_PER_PROCESS = 80
-MAX_AGENTS_IN_SERVER_PROCESS = 60  # the server's own sockets and files share the range
-
-
 @dataclass(frozen=True)
 class SimConfig:
     """One simulation run."""
@@ -149,6 +169,9 @@ class SimConfig:
     device_threads: int = 1  # onnxruntime threads per simulated device; 0 = the profile's
     latency_budget_ms: float = 10_000.0  # simulated devices' p95 budget; 0 = the profile's
     executor_threads: int = 16  # default executor of each agent loop (blocking agent work)
+    mqtt_loop: str = "shared"  # "shared": one MQTT driver thread per process; "thread": each
+    #                            agent's own paho network thread, as on a device
+    executor_order: str = "newest-first"  # or "fifo": see NewestFirstExecutor
     worker_nice: int = 0  # niceness added to worker processes (the server keeps priority)
     metrics_interval_s: float = 10.0  # agents' tick (a real agent's default)
     poll_interval_s: float = 0.1  # convergence polling of the server's database
@@ -162,6 +185,12 @@ class SimConfig:
             problems.append(f"devices: expected >= 1, got {self.devices}")
         if self.workers < 0:
             problems.append(f"workers: expected >= 0, got {self.workers}")
+        if self.executor_order not in EXECUTOR_ORDERS:
+            problems.append(f"executor_order: expected one of {', '.join(EXECUTOR_ORDERS)}, "
+                            f"got {self.executor_order!r}")
+        if self.mqtt_loop not in MQTT_LOOPS:
+            problems.append(f"mqtt_loop: expected one of {', '.join(MQTT_LOOPS)}, got "
+                            f"{self.mqtt_loop!r}")
         if self.broker not in ("embedded", "mosquitto"):
             problems.append(f"broker: expected 'embedded' or 'mosquitto', got {self.broker!r}")
         for name in ("fail_fraction", "offline_fraction"):
@@ -206,6 +235,12 @@ class SimResult:
     agent_rss_mb_per_device: float | None
     agent_threads: int | None
     setup_s: dict[str, float] = field(default_factory=dict)
+    #: worker threads by kind (loop, executor, paho, ...) -> threads, cpu_s and context
+    #: switches (voluntary, nonvoluntary) during the run, summed over the worker processes
+    agents_by_thread: dict[str, dict[str, float]] | None = None
+    #: CPU seconds the whole machine was busy during the run (/proc/stat; others' work too):
+    #: against 2 x elapsed it says whether the cores were full
+    machine_busy_s: float | None = None
 
     @property
     def devices(self) -> int:
@@ -251,6 +286,12 @@ class SimResult:
             ("agents CPU", s(self.agents_cpu_s)),
             ("agent RSS", s(self.agent_rss_mb_per_device, " MB/device")),
             ("agent threads", "-" if self.agent_threads is None else str(self.agent_threads)),
+            ("machine busy", "-" if self.machine_busy_s is None else
+             f"{self.machine_busy_s:.1f} CPU s in {self.elapsed_s:.1f} s ({os.cpu_count()} "
+             "cores; every process on the host)"),
+            ("agents by thread", "-" if not self.agents_by_thread else "; ".join(
+                f"{k} x{v['threads']:.0f} {v['cpu_s']:.2f} s cpu, ctx {v['voluntary']:.0f}"
+                f"+{v['nonvoluntary']:.0f}" for k, v in sorted(self.agents_by_thread.items()))),
             ("setup", ", ".join(f"{k} {v:.1f} s" for k, v in self.setup_s.items())),
         ]
         width = max(len(k) for k, _ in rows)
@@ -334,341 +375,14 @@ def write_sim_profiles(directory: Path, *, threads: int = 0,
     return directory
 
 
-# ---------------------------------------------------------------------------------------------
-# the device side: agents on one loop, with a simulated link
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DeviceSpec:
-    device_id: str
-    profile: str
-    home: str  # holds provisioning.json (0600) and data/
-    fails: bool = False
-    offline: bool = False
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    slow_link_ms: float = 0.0
-    profiles_dir: str | None = None
-    executor_threads: int = 16
-    metrics_interval_s: float = 10.0
-    connect_timeout_s: float = 120.0
-    nice: int = 0  # added to a worker process's niceness
-
-
-class SimLink:
-    """A device's simulated network: up or down, and a per-request delay."""
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s
-        self.offline = False
-
-
-class SimFetcher(FetcherInterface):
-    """The ``tuf.ngclient`` fetcher of a simulated device: waits ``link.delay_s`` before each
-    request and fails while the link is down, also mid-download (a ``DownloadError``, which the
-    agent treats as transient and retries with backoff). The request itself goes to ``inner``
-    (the agent's own ``AuthFetcher``)."""
-
-    def __init__(self, inner: FetcherInterface, link: SimLink,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self._inner = inner
-        self._link = link
-        self._sleep = sleep
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        if self._link.offline:
-            raise tuf_exc.DownloadError(f"simulated link down: {url}")
-        if self._link.delay_s:
-            self._sleep(self._link.delay_s)
-        return self._guard(self._inner.fetch(url))
-
-    def _guard(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            if self._link.offline:
-                raise tuf_exc.DownloadError("simulated link down mid-download")
-            yield chunk
-
-
-def _proc_status(pid: int | str = "self") -> dict[str, str]:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process (seconds), from /proc; None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def _process_stats() -> dict[str, Any]:
-    st = _proc_status()
-    rss_kb = int(st.get("VmRSS", "0 kB").split()[0])
-    try:
-        fds = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        fds = -1
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"pid": os.getpid(), "rss_mb": rss_kb / 1024, "threads": int(st.get("Threads", "0")),
-            "fds": fds, "cpu_s": ru.ru_utime + ru.ru_stime}
-
-
-class AgentShard:
-    """Real agents on the running asyncio loop (one per process or loop thread)."""
-
-    def __init__(self, devices: Sequence[DeviceSpec], options: ShardOptions) -> None:
-        self.devices = list(devices)
-        self.options = options
-        self.agents: dict[str, Agent] = {}
-        self.links: dict[str, SimLink] = {}
-        self._stops: dict[str, asyncio.Event] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-
-    async def start(self) -> dict[str, Any]:
-        """Build and run every agent; return once all are connected to the broker.
-
-        Raises:
-            TimeoutError: some agent did not connect within ``connect_timeout_s``.
-            agent errors: an agent could not be built (bad provisioning file, ...).
-        """
-        from agent.config import AgentConfig
-        from agent.daemon.app import Agent, load_provisioning
-        from agent.transport.artifacts import AuthFetcher
-
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
-            self.options.executor_threads, thread_name_prefix="sim-agents"))
-        profiles = Path(self.options.profiles_dir) if self.options.profiles_dir else None
-        for spec in self.devices:
-            home = Path(spec.home)
-            cfg = AgentConfig(provisioning=home / "provisioning.json", data_dir=home / "data",
-                              http_port=0, metrics_interval_s=self.options.metrics_interval_s,
-                              reconnect_min_s=0.5, reconnect_max_s=5.0)
-            link = SimLink(self.options.slow_link_ms / 1e3)
-            prov = load_provisioning(cfg.provisioning)
-            agent = Agent(cfg, profiles_dir=profiles,
-                          tuf_fetcher=SimFetcher(AuthFetcher(prov.http_token), link))
-            stop = asyncio.Event()
-            self.agents[spec.device_id], self.links[spec.device_id] = agent, link
-            self._stops[spec.device_id] = stop
-            self._tasks[spec.device_id] = asyncio.create_task(agent.run(stop))
-            await asyncio.sleep(0)  # let it start while the next one is built
-        deadline = time.monotonic() + self.options.connect_timeout_s
-        while not all(a.link is not None and a.link.connected for a in self.agents.values()):
-            for dev, task in self._tasks.items():
-                if task.done() and task.exception() is not None:
-                    raise RuntimeError(f"agent {dev} died: {task.exception()!r}")
-            if time.monotonic() > deadline:
-                down = [d for d, a in self.agents.items()
-                        if a.link is None or not a.link.connected]
-                raise TimeoutError(f"{len(down)} of {len(self.agents)} agents not connected "
-                                   f"after {self.options.connect_timeout_s:.0f} s: {down[:5]}")
-            await asyncio.sleep(0.05)
-        return self.stats()
-
-    async def set_offline(self, device_ids: Sequence[str], offline: bool) -> int:
-        """Take these devices' network down (or bring it back); return how many changed."""
-        loop = asyncio.get_running_loop()
-        jobs = []
-        for dev in device_ids:
-            agent, link = self.agents.get(dev), self.links.get(dev)
-            if agent is None or link is None or agent.link is None or link.offline == offline:
-                continue
-            link.offline = offline
-            mqtt = agent.link
-            jobs.append(loop.run_in_executor(None, mqtt.stop if offline else mqtt.start))
-        await asyncio.gather(*jobs)
-        return len(jobs)
-
-    def stats(self) -> dict[str, Any]:
-        out = _process_stats()
-        out["agents"] = len(self.agents)
-        out["connected"] = sum(1 for a in self.agents.values()
-                               if a.link is not None and a.link.connected)
-        return out
-
-    async def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        stats = self.stats()
-        for stop in self._stops.values():
-            stop.set()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=timeout)
-        return stats
-
-
-# -- shard handles: the same commands in a loop thread or in a worker process ---------------
-class _Shard(Protocol):
-    @property
-    def pid(self) -> int | None: ...
-
-    def wait_ready(self, timeout: float) -> dict[str, Any]: ...
-
-    def command(self, name: str, arg: Any = None, timeout: float = 60.0) -> Any: ...
-
-    def close(self) -> dict[str, Any] | None: ...
-
-
-async def _dispatch(shard: AgentShard, name: str, arg: Any) -> Any:
-    if name == "offline":
-        return await shard.set_offline(arg, True)
-    if name == "online":
-        return await shard.set_offline(arg, False)
-    if name == "stats":
-        return shard.stats()
-    if name == "stop":
-        return await shard.stop()
-    raise ValueError(f"unknown shard command {name!r}")
-
-
-class _ThreadShard:
-    """Agents on a loop thread of this process (``--workers 0``)."""
-
-    pid: int | None = None
-
-    def __init__(self, devices: Sequence[DeviceSpec], options: ShardOptions) -> None:
-        self.shard = AgentShard(devices, options)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sim-agents-loop",
-                                        daemon=True)
-        self._thread.start()
-        self._ready = asyncio.run_coroutine_threadsafe(self.shard.start(), self._loop)
-
-    def wait_ready(self, timeout: float) -> dict[str, Any]:
-        return self._ready.result(timeout)
-
-    def command(self, name: str, arg: Any = None, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(_dispatch(self.shard, name, arg),
-                                                self._loop).result(timeout)
-
-    def close(self) -> dict[str, Any] | None:
-        stats: dict[str, Any] | None = None
-        if self._ready.done() and self._ready.exception() is None:
-            stats = self.command("stop", timeout=60)
-        else:
-            self._ready.cancel()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        if not self._thread.is_alive():
-            self._loop.close()
-        return stats
-
-
-def _worker_entry(conn: multiprocessing.connection.Connection, devices: list[dict[str, Any]],
-                  options: dict[str, Any], log_level: int) -> None:
-    """A worker process: run its agents on one loop and obey the parent's commands."""
-    logging.basicConfig(level=log_level, format="%(asctime)s worker %(process)d %(name)s "
-                        "%(levelname)s %(message)s")
-    raise_nofile_limit()
-    if options.get("nice"):
-        os.nice(int(options["nice"]))
-    asyncio.run(_worker_main(conn, [DeviceSpec(**d) for d in devices], ShardOptions(**options)))
-
-
-async def _worker_main(conn: multiprocessing.connection.Connection,
-                       devices: list[DeviceSpec], options: ShardOptions) -> None:
-    from agent.errors import AgentError
-
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def reader() -> None:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):  # the parent is gone: stop
-                msg = ("stop", None)
-            loop.call_soon_threadsafe(inbox.put_nowait, msg)
-            if msg[0] == "stop":
-                return
-
-    shard = AgentShard(devices, options)
-    try:
-        conn.send(("ready", await shard.start()))
-    except (AgentError, OSError, RuntimeError, ValueError):  # the parent raises it
-        conn.send(("error", traceback.format_exc()))
-        await shard.stop()
-        return
-    threading.Thread(target=reader, name="sim-worker-commands", daemon=True).start()
-    while True:
-        name, arg = await inbox.get()
-        try:
-            reply = ("ok", await _dispatch(shard, name, arg))
-        except (AgentError, OSError, RuntimeError, ValueError):  # the parent raises it
-            reply = ("error", traceback.format_exc())
-        with contextlib.suppress(OSError):
-            conn.send(reply)
-        if name == "stop":
-            return
-
-
-class _ProcessShard:
-    """Agents in a worker process (``--workers K``); commands over a pipe."""
-
-    def __init__(self, devices: Sequence[DeviceSpec], options: ShardOptions,
-                 log_level: int) -> None:
-        # by its real name, also under ``python -m`` (where this module is ``__main__``)
-        this = importlib.import_module("fleet_server.simulate")
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=this._worker_entry, name="edgefleet-sim-worker",
-                                    args=(child, [asdict(d) for d in devices], asdict(options),
-                                          log_level), daemon=True)
-        self._process.start()
-        child.close()
-        self.pid: int | None = self._process.pid
-        self._lock = threading.Lock()
-
-    def _recv(self, timeout: float, what: str) -> tuple[str, Any]:
-        if not self._conn.poll(timeout):
-            raise TimeoutError(f"worker {self.pid}: no answer to {what} within {timeout:.0f} s")
-        try:
-            reply: tuple[str, Any] = self._conn.recv()
-        except EOFError as exc:
-            raise RuntimeError(f"worker {self.pid} exited "
-                               f"(code {self._process.exitcode})") from exc
-        return reply
-
-    def wait_ready(self, timeout: float) -> dict[str, Any]:
-        kind, value = self._recv(timeout, "start-up")
-        if kind != "ready":
-            raise RuntimeError(f"worker {self.pid} failed to start its agents:\n{value}")
-        return dict(value)
-
-    def command(self, name: str, arg: Any = None, timeout: float = 60.0) -> Any:
-        with self._lock:
-            self._conn.send((name, arg))
-            kind, value = self._recv(timeout, name)
-        if kind != "ok":
-            raise RuntimeError(f"worker {self.pid}: {name} failed:\n{value}")
-        return value
-
-    def close(self) -> dict[str, Any] | None:
-        stats = None
-        if self._process.is_alive():
-            with contextlib.suppress(OSError, RuntimeError, TimeoutError):
-                stats = self.command("stop", timeout=60)
-        self._process.join(30)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(10)
-        self._conn.close()
-        return stats
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise this process's soft open-files limit to the hard limit; return (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
+def workers_for(config: SimConfig) -> int:
+    """Worker processes a run uses: ``config.workers``, raised so that none holds more agents
+    than its MQTT loop allows, and at most one per device (0 stays 0: in-process)."""
+    if not config.workers:
+        return 0
+    per = (MAX_AGENTS_PER_SHARED_PROCESS if config.mqtt_loop == "shared"
+           else MAX_AGENTS_PER_PROCESS)
+    return min(config.devices, max(config.workers, -(-config.devices // per)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,7 +455,7 @@ class FleetSimulation:
         self._thread: threading.Thread | None = None
         self._app: Any = None
         self._client: Any = None
-        self._shards: list[_Shard] = []
+        self._shards: list[Shard] = []
         self._shard_devices: list[list[DeviceSpec]] = []
         self.workers_used = config.workers
         self._ran = False
@@ -913,19 +627,17 @@ class FleetSimulation:
                 latency_budget_ms=cfg.latency_budget_ms))
         timeout = 60.0 + 0.2 * cfg.devices
         options = ShardOptions(slow_link_ms=cfg.slow_link_ms, profiles_dir=profiles_dir,
-                               executor_threads=cfg.executor_threads,
+                               executor_threads=cfg.executor_threads, mqtt_loop=cfg.mqtt_loop,
+                               executor_order=cfg.executor_order,
                                metrics_interval_s=cfg.metrics_interval_s,
                                connect_timeout_s=timeout, nice=cfg.worker_nice)
-        k = 1
-        if cfg.workers:
-            k = min(len(self.devices), max(cfg.workers, -(-len(self.devices)
-                                                       // MAX_AGENTS_PER_PROCESS)))
-        self.workers_used = k if cfg.workers else 0
+        self.workers_used = workers_for(cfg)
+        k = max(1, self.workers_used)
         self._shard_devices = [self.devices[i::k] for i in range(k)]
         if cfg.workers == 0:
-            self._shards = [_ThreadShard(self.devices, options)]
+            self._shards = [ThreadShard(self.devices, options)]
         else:
-            self._shards = [_ProcessShard(devices, options, self._log_level)
+            self._shards = [ProcessShard(devices, options, self._log_level)
                             for devices in self._shard_devices]
         for shard in self._shards:
             shard.wait_ready(timeout + 30)
@@ -1005,14 +717,16 @@ class FleetSimulation:
 
         def cpu_now() -> tuple[float, float, float | None, float | None]:
             ru = resource.getrusage(resource.RUSAGE_SELF)
-            workers = [_proc_cpu_s(p) for p in pids]
-            broker = _proc_cpu_s(broker_pid) if broker_pid else None
+            workers = [proc_cpu_s(p) for p in pids]
+            broker = proc_cpu_s(broker_pid) if broker_pid else None
             return (ru.ru_utime + ru.ru_stime, time.thread_time(),
                     sum(w for w in workers if w is not None) if pids else None, broker)
 
         went_offline = bool(offline) and cfg.offline_after_s == 0
         if went_offline:  # "at the deploy": before it, so it is not part of the measured time
             self._command_all("offline", offline)
+        threads0 = [s.command("stats")["by_thread"] for s in self._shards] if pids else []
+        busy0 = machine_busy_s()
         ingested0 = self.mqtt.ingested
         since = int(time.time()) - 1  # reported_at is whole unix seconds, the server's clock
         cpu0 = cpu_now()
@@ -1051,6 +765,7 @@ class FleetSimulation:
             time.sleep(cfg.poll_interval_s)
         elapsed = time.perf_counter() - t0
         cpu1 = cpu_now()
+        busy1 = machine_busy_s()
         ingested = self.mqtt.ingested - ingested0
         converged = len(done_at) == len(specs)
         if not restored:
@@ -1080,7 +795,10 @@ class FleetSimulation:
             else None,
             agent_rss_mb_per_device=agents_rss,
             agent_threads=sum(int(s["threads"]) for s in stats) if pids else None,
-            setup_s=dict(self.setup_s))
+            setup_s=dict(self.setup_s),
+            agents_by_thread=thread_deltas(threads0, [s["by_thread"] for s in stats])
+            if pids else None,
+            machine_busy_s=busy1 - busy0 if busy0 is not None and busy1 is not None else None)
 
     def _command_all(self, name: str, device_ids: Sequence[str]) -> None:
         wanted = set(device_ids)
@@ -1107,7 +825,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=d.devices, help="agents to run (%(default)s)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="worker processes for the agents, raised to devices/"
-                        f"{MAX_AGENTS_PER_PROCESS}; 0 = one loop thread in the server's process "
+                        f"{MAX_AGENTS_PER_SHARED_PROCESS} (--mqtt-loop shared) or devices/"
+                        f"{MAX_AGENTS_PER_PROCESS} (thread); about 80 agents a process cost "
+                        "the least CPU per device; 0 = one loop thread in the server's process "
                         f"(at most {MAX_AGENTS_IN_SERVER_PROCESS} devices) (%(default)s)")
     p.add_argument("--broker", choices=("embedded", "mosquitto"), default=d.broker)
     p.add_argument("--profiles", default=",".join(d.profiles),
@@ -1133,6 +853,16 @@ def _parser() -> argparse.ArgumentParser:
                         "contention, not a device's speed)")
     p.add_argument("--executor-threads", type=int, default=d.executor_threads,
                    help="threads per agent loop for blocking agent work (%(default)s)")
+    p.add_argument("--executor-order", choices=EXECUTOR_ORDERS, default=d.executor_order,
+                   help="which queued blocking job of a worker's agents runs next: the newest "
+                        "(a device's report right after its update, as on a device) or the "
+                        "oldest (%(default)s)")
+    p.add_argument("--mqtt-loop", choices=MQTT_LOOPS, default=d.mqtt_loop,
+                   help="who runs the agents' MQTT network loop: 'shared', one driver thread "
+                        "per process on epoll (up to "
+                        f"{MAX_AGENTS_PER_SHARED_PROCESS} agents a process), or 'thread', each "
+                        "agent's own paho thread as on a device (up to "
+                        f"{MAX_AGENTS_PER_PROCESS}: paho's select()) (%(default)s)")
     p.add_argument("--worker-nice", type=int, default=d.worker_nice, metavar="N",
                    help="niceness of the worker processes: real devices do not take the "
                         "server's CPU; N > 0 keeps it the server's on a shared host "
@@ -1166,7 +896,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         offline_after_s=args.offline_after, offline_for_s=args.offline_for,
         slow_link_ms=args.slow_link_ms, timeout_s=args.timeout, seed=args.seed,
         device_threads=args.device_threads, latency_budget_ms=args.latency_budget_ms,
-        executor_threads=args.executor_threads, worker_nice=args.worker_nice,
+        executor_threads=args.executor_threads, mqtt_loop=args.mqtt_loop,
+        executor_order=args.executor_order,
+        worker_nice=args.worker_nice,
         work_dir=args.work_dir, cache_dir=cache, keep=args.keep)
 
 

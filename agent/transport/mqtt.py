@@ -7,6 +7,15 @@ its last will, subscribes to its own ``desired`` (retained) and ``ack`` topics, 
 :class:`LinkEvent` values handed to ``on_event`` (thread-safe by contract: the daemon wraps it
 with ``loop.call_soon_threadsafe``). Reconnects use paho's loop with capped backoff.
 
+Who runs paho's network loop: by default each link starts its own network thread
+(``loop_start``), as a device runs one link. A process hosting many links (the fleet simulator)
+can hand them all to one :class:`LinkDriver` instead: one thread drives every client through
+paho's external loop (``loop_read``/``loop_write``/``loop_misc`` on epoll, so neither paho's
+``select()`` limit of descriptors below 1024 nor a thread per link applies), reconnecting with
+the same per-link backoff bounds. The link's callbacks, events, publishes and their PUBACK
+waits are the same either way; only which thread reads and writes the socket differs. Pass
+``driver=`` or make one the default of a context with :func:`use_driver`.
+
 paho's network thread wakes once per ``loop_timeout`` even when nothing happens (to send its
 keep-alive ping on time). paho's own default is every second, which for a thousand simulated
 devices on one host was a measurable share of their CPU while they had nothing to do (about
@@ -17,14 +26,18 @@ most ``loop_timeout`` late, well inside the broker's 1.5 x keep-alive grace.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
 import logging
 import random
+import selectors
 import socket
 import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -36,7 +49,7 @@ from agent.protocol.messages import Status
 from agent.protocol.provisioning import Provisioning
 from agent.protocol.topics import device_topic, parse_topic
 
-__all__ = ["DeviceLink", "LinkEvent"]
+__all__ = ["DeviceLink", "LinkDriver", "LinkEvent", "use_driver"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +85,245 @@ class _Client(paho.Client):
                                     retry_first_connection)
 
 
+def _tls_pending(client: paho.Client) -> bool:
+    pending = getattr(client.socket(), "pending", None)  # ssl.SSLSocket only
+    return callable(pending) and pending() > 0
+
+
+@dataclass
+class _Driven:
+    """A client the driver holds: its reconnect bounds and current delay (s), and the socket
+    events it watches."""
+
+    lo: float
+    hi: float
+    delay: float = 0.0
+    events: int = 0
+
+
+class LinkDriver:
+    """One thread that runs the network loop of many paho clients (see the module docstring).
+
+    Thread contract: :meth:`attach` and :meth:`detach` may be called from any thread; paho's
+    publishes from other threads reach the driver through ``on_socket_register_write`` and a
+    wake-up socket pair; everything else (connect, read, write, keep-alive, reconnect, paho's
+    callbacks) happens on the driver's thread. Connecting is a blocking TCP connect on that
+    thread, which suits a broker on loopback or a LAN (the simulator), not a slow WAN.
+    """
+
+    def __init__(self, *, misc_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 name: str = "edgefleet-mqtt-driver") -> None:
+        if misc_interval_s <= 0:
+            raise ValueError(f"misc_interval_s: expected > 0, got {misc_interval_s}")
+        self._misc_interval_s = misc_interval_s
+        self._clock = clock
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._woken = False
+        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._dirty: collections.deque[paho.Client] = collections.deque()
+        self._clients: dict[paho.Client, _Driven] = {}
+        self._waiting: dict[paho.Client, float] = {}  # no socket: when to connect (clock)
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = False
+
+    # -- any thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the driver's thread (once)."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def attach(self, client: paho.Client, reconnect: tuple[float, float]) -> None:
+        """Drive ``client`` (``connect_async`` already called): connect now, reconnect after a
+        loss with a delay doubling from ``reconnect[0]`` up to ``reconnect[1]`` seconds.
+
+        Raises:
+            RuntimeError: the driver is not running.
+        """
+        lo, hi = reconnect
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+
+        def op() -> None:
+            self._clients[client] = _Driven(lo, hi)
+            self._waiting[client] = self._clock()  # connect now
+
+        self._post(op)
+
+    def detach(self, client: paho.Client, timeout: float = 5.0) -> bool:
+        """Disconnect ``client`` (sending what is queued, then DISCONNECT) and stop driving
+        it; return whether the driver confirmed within ``timeout`` seconds.
+
+        Raises:
+            RuntimeError: the driver is not running.
+        """
+        done = threading.Event()
+
+        def op() -> None:
+            self._clients.pop(client, None)
+            self._waiting.pop(client, None)
+            if client.socket() is not None:
+                client.disconnect()
+                client.loop_write()  # DISCONNECT written: paho closes the socket
+            sock = client.socket()
+            if sock is not None:  # could not write it all now: leave the socket to paho
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(sock)
+            done.set()
+
+        if threading.current_thread() is self._thread:
+            op()
+            return True
+        self._post(op)
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread (clients still attached are left as they are) and free its
+        selector."""
+        self._closing = True
+        self._wake()
+        if self._started and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _post(self, op: Callable[[], None]) -> None:
+        if not self._started or self._closing:
+            raise RuntimeError("LinkDriver is not running (start() it, and not after close())")
+        self._ops.append(op)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._wake_w.send(b"x")
+
+    # -- paho callbacks --------------------------------------------------------------------
+    def _on_register_write(self, client: paho.Client, _u: object, _sock: object) -> None:
+        self._dirty.append(client)
+        if threading.current_thread() is not self._thread:
+            self._wake()
+
+    def _on_socket_open(self, client: paho.Client, _u: object, sock: object) -> None:
+        # reconnect() runs on the driver's thread only
+        try:
+            self._sel.register(sock, selectors.EVENT_READ, client)  # type: ignore[arg-type]
+        except KeyError:  # a closed socket's number, reused: forget the stale entry
+            self._sel.unregister(self._sel.get_map()[sock.fileno()].fileobj)  # type: ignore[attr-defined]
+            self._sel.register(sock, selectors.EVENT_READ, client)  # type: ignore[arg-type]
+        entry = self._clients.get(client)
+        if entry is not None:
+            entry.events = selectors.EVENT_READ
+
+    def _on_socket_close(self, _client: paho.Client, _u: object, sock: object) -> None:
+        def op() -> None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)  # type: ignore[arg-type]
+
+        if threading.current_thread() is self._thread:
+            op()
+        else:  # paho closes it right after this returns; epoll forgets it then
+            self._ops.append(op)
+            self._wake()
+
+    # -- the driver's thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        misc_at = self._clock() + self._misc_interval_s
+        while not self._closing:
+            now = self._clock()
+            wait = min([misc_at, *self._waiting.values()]) - now
+            for key, mask in self._sel.select(max(0.0, wait)):
+                client = key.data
+                if client is None:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                if mask & selectors.EVENT_READ:
+                    client.loop_read()
+                    while _tls_pending(client):  # decrypted bytes epoll cannot see
+                        client.loop_read()
+                if mask & selectors.EVENT_WRITE:
+                    client.loop_write()
+                self._settle(client)
+            # before draining: whatever is queued after this is either drained below or wakes
+            # the next select (a queued item seen as "already woken" is always drained below)
+            self._woken = False
+            while self._ops:
+                self._ops.popleft()()
+            while self._dirty:
+                client = self._dirty.popleft()
+                if client in self._clients:
+                    client.loop_write()
+                    self._settle(client)
+            now = self._clock()
+            if now >= misc_at:
+                misc_at = now + self._misc_interval_s
+                for client in list(self._clients):
+                    if client.socket() is not None:
+                        client.loop_misc()  # keep-alive ping, or drop a dead connection
+                        self._settle(client)
+            for client in [c for c, at in self._waiting.items() if at <= now]:
+                self._connect(client, now)
+
+    def _connect(self, client: paho.Client, now: float) -> None:
+        del self._waiting[client]
+        try:
+            client.reconnect()  # on_socket_open registers the socket; CONNECT is queued
+        except (OSError, ValueError) as exc:
+            log.debug("MQTT connect failed, retrying: %s", exc)
+            self._schedule(client, now)
+            return
+        self._settle(client)
+
+    def _schedule(self, client: paho.Client, now: float) -> None:
+        entry = self._clients[client]
+        entry.delay = entry.lo if entry.delay == 0 else min(2 * entry.delay, entry.hi)
+        self._waiting[client] = now + entry.delay
+
+    def _settle(self, client: paho.Client) -> None:
+        """After I/O: reconnect later if the socket is gone, else watch what it needs."""
+        entry = self._clients.get(client)
+        if entry is None:
+            return
+        sock = client.socket()
+        if sock is None:
+            if client not in self._waiting:
+                self._schedule(client, self._clock())
+            return
+        if client.is_connected():
+            entry.delay = 0.0  # a CONNACK came: the next loss starts from the minimum again
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
+        if want != entry.events:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.modify(sock, want, client)
+                entry.events = want
+
+
+_DEFAULT_DRIVER: contextvars.ContextVar[LinkDriver | None] = contextvars.ContextVar(
+    "edgefleet_link_driver", default=None)
+
+
+@contextlib.contextmanager
+def use_driver(driver: LinkDriver | None) -> Iterator[None]:
+    """Within this block (and in asyncio tasks created in it), a :class:`DeviceLink` built
+    without ``driver=`` is driven by ``driver`` (None: its own network thread)."""
+    token = _DEFAULT_DRIVER.set(driver)
+    try:
+        yield
+    finally:
+        _DEFAULT_DRIVER.reset(token)
+
+
 @dataclass(frozen=True)
 class LinkEvent:
     kind: str  # "connected" | "disconnected" | "message" | "refused"
@@ -84,7 +336,8 @@ class DeviceLink:
     def __init__(self, prov: Provisioning, on_event: Callable[[LinkEvent], object], *,
                  clock: Callable[[], float] = time.time, keepalive: int = 30,
                  reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 driver: LinkDriver | None = None) -> None:
         parts = urlsplit(prov.mqtt_url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(f"mqtt url {prov.mqtt_url!r}: expected mqtt://host:port or "
@@ -95,6 +348,8 @@ class DeviceLink:
         self._on_event = on_event
         self._clock = clock
         self._keepalive = keepalive
+        # None: this link's own network thread (loop_start), as on a device
+        self._driver = driver if driver is not None else _DEFAULT_DRIVER.get()
         self._connected = threading.Event()
         self._client = _Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                client_id=f"edgefleet-{prov.device_id}",
@@ -115,6 +370,7 @@ class DeviceLink:
         # its broker at the same moment does not come back in lockstep
         lo, hi = reconnect_jitter(reconnect_min_s, reconnect_max_s, rand)
         self._client.reconnect_delay_set(lo, hi)
+        self._reconnect_bounds = (float(lo), float(hi))
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -160,7 +416,10 @@ class DeviceLink:
         """
         try:
             self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
-            self._client.loop_start()
+            if self._driver is None:
+                self._client.loop_start()
+            else:
+                self._driver.attach(self._client, self._reconnect_bounds)
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot start MQTT to {self._host}:{self._port}: {exc}") \
                 from exc
@@ -197,5 +456,11 @@ class DeviceLink:
                 self.publish("status", offline.to_bytes(), retain=True, timeout=2.0)
             except TransportError as exc:  # the last will says the same thing
                 log.debug("offline status not sent before disconnect: %s", exc)
+        if self._driver is not None:
+            if not self._driver.detach(self._client):
+                log.warning("MQTT driver did not confirm the disconnect of %s",
+                            self._prov.device_id)
+            self._connected.clear()
+            return
         self._client.disconnect()
         self._client.loop_stop()

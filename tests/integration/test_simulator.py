@@ -35,11 +35,14 @@ class Scenario:
     fail_fraction: float = 0.0
     offline_fraction: float = 0.0
     offline_for_s: float = 3.0
+    mqtt_loop: str = "shared"  # "thread": a paho network thread per agent, as on a device
 
 
 SCENARIOS = {
     "embedded-all-converge": Scenario("embedded"),
     "mosquitto-all-converge-in-workers": Scenario("mosquitto", workers=2),
+    "mosquitto-paho-thread-per-agent-health-failures-and-offline": Scenario(
+        "mosquitto", workers=1, fail_fraction=0.25, offline_fraction=0.1, mqtt_loop="thread"),
     "mosquitto-health-failures-and-offline": Scenario("mosquitto", workers=1,
                                                       fail_fraction=0.25,
                                                       offline_fraction=0.1),
@@ -64,6 +67,7 @@ def test_fleet_converges(scenario: Scenario, bundle_cache: Path, tmp_path: Path)
                        profiles=PROFILES, fail_fraction=scenario.fail_fraction,
                        offline_fraction=scenario.offline_fraction, offline_after_s=0.0,
                        offline_for_s=scenario.offline_for_s, timeout_s=45.0,
+                       mqtt_loop=scenario.mqtt_loop,
                        work_dir=tmp_path / "sim", cache_dir=bundle_cache)
     with FleetSimulation(config) as sim:
         result = sim.run()

@@ -1,0 +1,176 @@
+"""DeviceLink on a shared LinkDriver (one thread for many links), against a real Mosquitto.
+
+The driver is what the fleet simulator uses to host hundreds of agents per process: these tests
+check that a link behaves the same on it as on its own paho thread (connect, the retained
+desired state, a publish from another thread that waits for its PUBACK, a dropped connection
+that comes back with backoff, stop and start again) and that no per-link thread is started.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.errors import TransportError
+from agent.protocol.messages import Status
+from agent.protocol.provisioning import Provisioning
+from agent.protocol.topics import device_topic
+from agent.transport.mqtt import DeviceLink, LinkDriver, LinkEvent, use_driver
+from fleet_server.mqtt.mosquitto import MosquittoProcess, find_mosquitto
+from fleet_server.mqtt.passwords import hash_password
+
+SERVER, SERVER_PW = "fleet-server", "server-secret"
+DEVICES = ("dev-a", "dev-b", "dev-c")
+WAIT = 10.0  # seconds: generous for a loaded 2-core host; passing runs take milliseconds
+
+
+def _prov(device: str, url: str) -> Provisioning:
+    return Provisioning(device_id=device, profile="rpi4", mqtt_url=url, mqtt_username=device,
+                        mqtt_password=f"{device}-pw", http_url="http://127.0.0.1:1",
+                        http_token="unused", tuf_metadata_url="http://127.0.0.1:1/m",
+                        tuf_targets_url="http://127.0.0.1:1/t", tuf_root=b"{}",
+                        director_keys_pem=())
+
+
+def _hashes(devices: tuple[str, ...]) -> dict[str, str]:
+    return {SERVER: hash_password(SERVER_PW), **{d: hash_password(f"{d}-pw") for d in devices}}
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+    (tmp_path / "mosq").mkdir(mode=0o700)
+    process = MosquittoProcess(tmp_path / "mosq", _hashes(DEVICES), SERVER)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def server(broker: MosquittoProcess) -> Iterator[tuple[paho.Client, queue.Queue[paho.MQTTMessage]]]:
+    """The fleet side: a plain paho client as the server user, subscribed to every device."""
+    got: queue.Queue[paho.MQTTMessage] = queue.Queue()
+    ready = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="test-server",
+                         protocol=paho.MQTTv311)
+    client.username_pw_set(SERVER, SERVER_PW)
+    client.on_message = lambda _c, _u, msg: got.put(msg)
+    client.on_subscribe = lambda *_a: ready.set()
+    client.on_connect = lambda c, *_a: c.subscribe("edgefleet/v1/devices/+/reported", qos=1)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    assert ready.wait(WAIT), "the test's server client did not subscribe"
+    try:
+        yield client, got
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.fixture
+def driver() -> Iterator[LinkDriver]:
+    d = LinkDriver(misc_interval_s=0.2)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _next(events: queue.Queue[LinkEvent], kind: str) -> LinkEvent:
+    while True:
+        ev = events.get(timeout=WAIT)
+        if ev.kind == kind:
+            return ev
+
+
+pytestmark = pytest.mark.integration
+
+
+def test_links_on_one_driver_connect_receive_and_publish(
+        broker: MosquittoProcess, server: tuple[paho.Client, queue.Queue[paho.MQTTMessage]],
+        driver: LinkDriver) -> None:
+    server_client, reported = server
+    events = {d: queue.Queue[LinkEvent]() for d in DEVICES}
+    with use_driver(driver):  # built without driver=: the context's driver hosts them
+        links = {d: DeviceLink(_prov(d, broker.url), events[d].put, rand=lambda: 0.0)
+                 for d in DEVICES}
+    threads_before = {t.name for t in threading.enumerate()}
+    for link in links.values():
+        link.start()
+    for d in DEVICES:
+        _next(events[d], "connected")
+    assert not [n for n in {t.name for t in threading.enumerate()} - threads_before
+                if n.startswith("paho-mqtt-client")], "a link started its own network thread"
+
+    for d in DEVICES:  # the server's retained desired state reaches each device, and only it
+        server_client.publish(device_topic(d, "desired"), f"state-for-{d}".encode(), qos=1,
+                              retain=True).wait_for_publish(WAIT)
+    for d in DEVICES:
+        ev = _next(events[d], "message")
+        assert (ev.topic_kind, ev.payload) == ("desired", f"state-for-{d}".encode())
+
+    # publishes from several threads at once, each waiting for its PUBACK
+    errors: list[TransportError] = []
+
+    def report(d: str) -> None:
+        try:
+            links[d].publish("reported", f"report-{d}".encode(), retain=True, timeout=WAIT)
+        except TransportError as exc:  # handed to the test thread below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=report, args=(d,)) for d in DEVICES]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(WAIT)
+    assert errors == []
+    got = {reported.get(timeout=WAIT).payload for _ in DEVICES}
+    assert got == {f"report-{d}".encode() for d in DEVICES}
+    for link in links.values():
+        link.stop()
+    assert not any(link.connected for link in links.values())
+
+
+def test_a_dropped_link_reconnects_and_stop_start_works(
+        broker: MosquittoProcess, driver: LinkDriver) -> None:
+    events: queue.Queue[LinkEvent] = queue.Queue()
+    dev = DEVICES[0]
+    link = DeviceLink(_prov(dev, broker.url), events.put, driver=driver, rand=lambda: 0.0,
+                      reconnect_min_s=0.5, reconnect_max_s=1.0)
+    link.start()
+    _next(events, "connected")
+
+    hashes = _hashes(DEVICES)
+    broker.reload({k: v for k, v in hashes.items() if k != dev})  # revoked: dropped, refused
+    _next(events, "disconnected")
+    _next(events, "refused")  # the driver kept retrying on its own
+    broker.reload(hashes)  # allowed again: the next attempt (1 s later) gets in
+    _next(events, "connected")
+    assert link.connected
+
+    link.stop()  # the simulator's "offline" knob: retained offline status, then disconnect
+    assert not link.connected
+    link.start()
+    _next(events, "connected")
+    link.publish("status", Status(device_id=dev, online=True, at=1).to_bytes(), timeout=WAIT)
+    link.stop()
+
+
+def test_driver_misuse_is_refused() -> None:
+    with pytest.raises(ValueError, match="misc_interval_s: expected > 0, got 0"):
+        LinkDriver(misc_interval_s=0)
+    idle = LinkDriver()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="never")
+    with pytest.raises(RuntimeError, match="LinkDriver is not running"):
+        idle.attach(client, (1.0, 2.0))
+    idle.close()

@@ -68,6 +68,7 @@ from agent.protocol.messages import (
     RecordRows,
     Reported,
     Status,
+    canonical_json,
     parse_device_rows,
 )
 from agent.protocol.topics import TopicError
@@ -93,10 +94,24 @@ def _orjson_unsure(raw: bytes) -> bool:
     return (b"0.0000" in raw or b"e-" in raw) and _ORJSON_ONLY.search(raw) is not None
 
 
+#: floats whose text orjson must write as Python's json does (beyond what ``_orjson_unsure``
+#: flags): orjson before 3.12 wrote ``1e16`` where Python writes ``1e+16``
+_PROBE_FLOATS = (1e16, 1e22, 1.2345678901234568e17, 2.5e250, 5e-324, 1e-10, 0.1, -0.0, 100000.0,
+                 1.7976931348623157e308, 0.0001, 123456.789)
+
+
 def _orjson_codec() -> JSONCodec | None:
+    """orjson as a codec, if it is installed and writes the probe floats as Python does (else
+    None, logged: the standard library's read then runs alone)."""
     try:
         import orjson
     except ImportError:
+        return None
+    differs = [x for x in _PROBE_FLOATS if orjson.dumps(x) != canonical_json(x)]
+    if differs:
+        log.warning("orjson %s writes %s otherwise than Python's json: telemetry is read with "
+                    "the standard library (install orjson >= 3.12)", orjson.__version__,
+                    ", ".join(repr(x) for x in differs))
         return None
     return JSONCodec(name=f"orjson {orjson.__version__}", loads=orjson.loads,
                      dumps=functools.partial(orjson.dumps, option=orjson.OPT_SORT_KEYS),

@@ -114,7 +114,8 @@ class WebhookAllowList:
     hosts: frozenset[str]
     suffixes: tuple[str, ...]  # ".example.com" for "*.example.com"
     prefixes: tuple[_Prefix, ...]
-    networks: tuple[_Network, ...]  # named addresses (as /32 or /128) and CIDR entries
+    networks: tuple[_Network, ...]  # IP entries (as /32 or /128) and CIDR entries
+    prefix_addresses: tuple[_Network, ...] = ()  # IP hosts of URL prefixes: addresses only
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> WebhookAllowList:
@@ -126,6 +127,7 @@ class WebhookAllowList:
         suffixes: list[str] = []
         prefixes: list[_Prefix] = []
         networks: list[_Network] = []
+        prefix_addresses: list[_Network] = []
         for entry in given:
             def bad(expected: str, entry: str = entry) -> ValueError:
                 return ValueError(f"webhook_allow entry {entry!r}: expected {expected}")
@@ -148,7 +150,7 @@ class WebhookAllowList:
                     raise bad("a path without '.' or '..' segments")
                 prefixes.append(_Prefix(parts.scheme, host, _port(parts.scheme, port),
                                         parts.path.rstrip("/")))
-                networks.extend(_as_network(host))
+                prefix_addresses.extend(_as_network(host))
             elif "/" in entry:
                 try:
                     networks.append(ipaddress.ip_network(entry, strict=True))
@@ -166,7 +168,8 @@ class WebhookAllowList:
                     raise bad("a host name, *.domain, IP address or http(s):// URL prefix")
                 hosts.add(host)
                 networks.extend(_as_network(host))
-        return cls(given, frozenset(hosts), tuple(suffixes), tuple(prefixes), tuple(networks))
+        return cls(given, frozenset(hosts), tuple(suffixes), tuple(prefixes), tuple(networks),
+                   tuple(prefix_addresses))
 
     def allows(self, url: str) -> bool:
         """Whether a webhook may POST to ``url`` (never raises: a URL that does not parse is
@@ -200,12 +203,13 @@ class WebhookAllowList:
         ip = ipaddress.ip_address(address)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if any(ip in n for n in self.networks):
+        if any(ip in n for n in (*self.networks, *self.prefix_addresses)):
             return None
         kind = _special(ip)
         if kind is None:
             return None
-        return (f"{address} is a {kind} address, and the server's webhook_allow list "
+        article = "an" if kind[0] in "aeiou" else "a"
+        return (f"{address} is {article} {kind} address, and the server's webhook_allow list "
                 f"[{', '.join(self.entries)}] names neither it nor a network holding it")
 
 

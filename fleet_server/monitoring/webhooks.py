@@ -238,7 +238,8 @@ class WebhookSender:
             for target in targets:  # the checked addresses in order, while none connects
                 try:
                     response = self._post(http, row, target)
-                except httpx.ConnectError as exc:  # nothing sent: the next address may do
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing sent:
+                    # the next address may do (a dual-stack receiver whose IPv6 route drops)
                     error = f"{type(exc).__name__}: {exc}"[:500]
                     continue
                 except httpx.HTTPError as exc:

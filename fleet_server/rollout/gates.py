@@ -35,7 +35,9 @@ Gates (:class:`Gates`), judged on the active devices of the current wave, ``n`` 
   devices and ``committed_at`` of those committed now (the planner step that first saw each
   commit; failed and pending devices do not count). So every committed device was watched
   for ``bake_s``, including one that committed late, and a late commit restarts the bake.
-  Nothing else passes, and no health gate fails, before that.
+  Nothing else passes before that. Failing counts from the wave's last assignment only: a
+  health gate with bad evidence fails once ``bake_s`` went by since then, so devices that
+  commit one after another never keep a known-bad version running longer.
 - health: ``error_rate`` (errors / requests), ``p95_ms`` (against ``max_p95_ms`` or, when that
   is None, the device's own profile budget) and ``psi`` (the largest input-feature PSI). A
   committed device is *judged* once it has ``min_samples`` requests (predictions, for
@@ -175,6 +177,9 @@ def judge(spec: RolloutSpec, st: RolloutState, by_id: Mapping[str, DeviceReport]
     start, last = bake_start(wave, since)
     elapsed = now - start
     baked = elapsed >= g.bake_s
+    # bad evidence fails once the wave's devices were all assigned bake_s ago: a later commit
+    # delays passing, never failing
+    may_fail = now - max(a.assigned_at for a in wave) >= g.bake_s
     reports.append(GateReport(st.wave, "bake", float(elapsed), float(g.bake_s),
                               True if baked else None, f"{elapsed}s of {g.bake_s}s since the "
                               + (f"wave's last commit ({last})" if last else
@@ -187,8 +192,8 @@ def judge(spec: RolloutSpec, st: RolloutState, by_id: Mapping[str, DeviceReport]
               and (r := by_id.get(a.device_id)) is not None
               and outcome(st, a, r)[0] == "committed"]
     for gate in _health_gates(g):
-        reports.append(_health(st.wave, gate, baked, g, healthy, _rows(gate, g, healthy),
-                               _rows(gate, g, before), waited))
+        reports.append(_health(st.wave, gate, (baked, may_fail), g, healthy,
+                               _rows(gate, g, healthy), _rows(gate, g, before), waited))
     return _decide(reports)
 
 
@@ -260,13 +265,17 @@ def quorum(min_reporting: float, committed: int) -> int:
 _NAMED: Final = 5
 
 
-def _health(wave: int, gate: str, baked: bool, g: Gates, committed: Sequence[DeviceReport],
-            rows: list[tuple[str, float, float]], earlier: list[tuple[str, float, float]],
-            waited: Mapping[str, int]) -> GateReport:
+def _health(wave: int, gate: str, bake: tuple[bool, bool], g: Gates,
+            committed: Sequence[DeviceReport], rows: list[tuple[str, float, float]],
+            earlier: list[tuple[str, float, float]], waited: Mapping[str, int]) -> GateReport:
     """One health gate over the wave's committed devices; ``rows`` holds the judged ones
     (enough samples) as (device, value, limit), ``earlier`` the judged committed devices of
     the waves that passed before, ``waited`` the seconds since each committed device of the
     wave committed.
+
+    ``bake`` is (baked, may_fail): the bake counts from the wave's last assignment or commit
+    for passing, but only from its last assignment for failing, so a late commit never
+    delays acting on bad evidence that is already in.
 
     The worst device (the highest value relative to its limit) decides: after the bake, one
     judged device over its limit fails the gate, whatever the others say, and a device of an
@@ -320,10 +329,11 @@ def _health(wave: int, gate: str, baked: bool, g: Gates, committed: Sequence[Dev
         detail += _named(f"; {'excluded' if exclude else 'timed out'}, no {g.min_samples} "
                          f"{what} within report_timeout_s {timeout}s of committing: ", late,
                          gate, g.min_samples, waited)
-    if not baked:
-        ok = None
-    elif bad or missed:
+    baked, may_fail = bake
+    if (bad or missed) and may_fail:
         ok = False
+    elif not baked:
+        ok = None
     else:
         ok = True if n and len(rows) >= need else None
     return GateReport(wave, gate, value, limit, ok, detail)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,25 @@ def test_a_number_overflowing_to_infinity_is_refused(fleet: Fleet, number: bytes
     result = handle_message(fleet, device_topic("dev-a", "telemetry"), payload, now=NOW)
     assert result.reject_class == "malformed" and "Out of range float" in (result.rejected or "")
     assert stored(fleet, "dev-a") == []
+
+
+def test_an_orjson_that_writes_floats_otherwise_is_not_used(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """orjson before 3.12 wrote 1e16 where Python writes 1e+16: stored bodies would differ
+    from the reference path's, so such a version is refused at start and json reads alone."""
+    import types
+
+    import orjson
+
+    from fleet_server import ingest_parse
+
+    assert ingest_parse._orjson_codec() is not None  # the installed one agrees
+    old = types.ModuleType("orjson")
+    old.__dict__.update({k: getattr(orjson, k) for k in dir(orjson) if not k.startswith("__")})
+    old.__version__ = "3.11.0"  # type: ignore[attr-defined]
+    old.dumps = lambda value, **kw: (  # type: ignore[attr-defined]
+        orjson.dumps(value, **kw).replace(b"e+", b"e"))
+    monkeypatch.setitem(sys.modules, "orjson", old)
+    with caplog.at_level("WARNING", logger="fleet_server.ingest_parse"):
+        assert ingest_parse._orjson_codec() is None
+    assert "orjson 3.11.0 writes 1e+16, 1e+22" in caplog.text

@@ -42,7 +42,8 @@ from fleet_server.monitoring import (
 from fleet_server.settings import Settings
 
 LIST = WebhookAllowList.parse(["hooks.example.com", "*.corp.example", "10.0.0.7", "[fd00::7]",
-                               "https://ops.example.org/edgefleet/", "192.168.50.0/24"])
+                               "https://ops.example.org/edgefleet/", "192.168.50.0/24",
+                               "https://10.9.0.7/ef/"])
 URLS = [
     ("host", "https://hooks.example.com/services/T0/B0", True),
     ("host-any-port-and-scheme", "http://hooks.example.com:8080/x", True),
@@ -68,6 +69,12 @@ URLS = [
     ("prefix-other-scheme", "http://ops.example.org/edgefleet/x", False),
     ("prefix-other-port", "https://ops.example.org:8443/edgefleet/x", False),
     ("prefix-default-port-spelled", "https://ops.example.org:443/edgefleet/x", True),
+    # an IP as a URL prefix's host allows that prefix only, not the whole address
+    ("ip-prefix", "https://10.9.0.7/ef/alerts", True),
+    ("ip-prefix-other-port", "http://10.9.0.7:2375/containers/create", False),
+    ("ip-prefix-other-path", "https://10.9.0.7/admin", False),
+    ("ip-prefix-dot-dot", "https://10.9.0.7/ef/../x", False),
+    ("ip-prefix-mapped-v6", "https://[::ffff:10.9.0.7]/ef/x", False),
     ("not-http", "ftp://hooks.example.com/x", False),
     ("bad-port", "https://hooks.example.com:99999/x", False),
 ]
@@ -143,7 +150,8 @@ def test_which_addresses_a_webhook_may_connect_to(name: str, entries: list[str],
     if kind is None:
         assert refusal is None
     else:
-        assert refusal == (f"{address} is a {kind} address, and the server's webhook_allow "
+        article = "an" if kind[0] in "aeiou" else "a"
+        assert refusal == (f"{address} is {article} {kind} address, and the server's webhook_allow "
                            f"list [{', '.join(entries)}] names neither it nor a network "
                            f"holding it")
 
@@ -411,6 +419,32 @@ def test_the_post_goes_to_the_address_checked_not_to_a_second_answer(
     assert request.headers["Host"] == "hooks.example.com"
     assert request.extensions["sni_hostname"] == "hooks.example.com"
     assert dns.calls == [("hooks.example.com", 443)]
+
+
+class TimesOutOn(Capture):
+    """Answers 200, except a connect timeout for requests to ``host`` (a dropped route)."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.host = host
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == self.host:
+            self.requests.append(request)
+            raise httpx.ConnectTimeout("timed out", request=request)
+        return super().handle_request(request)
+
+
+def test_a_connect_timeout_goes_on_to_the_next_checked_address(fleetlet: Fleetlet) -> None:
+    """A dual-stack receiver whose IPv6 route silently drops: the same attempt goes on to
+    the IPv4 address, as a connection by name would."""
+    f = fleetlet
+    dns = Resolver(hooks_example_com=[["2001:4860::1", "93.184.215.14"]])
+    allow = queued(f, "https://hooks.example.com/x", ["hooks.example.com"])
+    http = TimesOutOn("2001:4860::1")
+    assert send_due(f, allow, dns, http) == 1
+    assert [r.url.host for r in http.requests] == ["2001:4860::1", "93.184.215.14"]
+    assert deliveries(f) == [("delivered", 1, None)]
 
 
 def test_one_internal_address_in_the_answer_refuses_the_delivery(fleetlet: Fleetlet) -> None:

@@ -135,7 +135,8 @@ class Agent:
                  profiles_dir: Path | None = None,
                  tuf_fetcher: FetcherInterface | None = None) -> None:
         # tuf_fetcher: the HTTP fetcher under tuf.ngclient (default: the device token over
-        # urllib3); fleet_server.simulate wraps it to inject slow or broken links
+        # kept-alive http.client connections); fleet_server.simulate wraps it to inject slow
+        # or broken links
         self.config = config
         self.clock = clock
         self._rand = rand

@@ -16,7 +16,8 @@ stage      copy model file and manifest into a temporary directory, fsync, check
 activate   ``previous`` := old ``current``; then ``current`` := ``<version>``; each pointer is a
            temporary symlink renamed over the old one (atomic). No-op when already current.
            Then the ``on_activate`` hook, where serving loads the version and swaps atomically
-commit     check that ``current`` is complete and make the pointers durable
+commit     check that ``current`` is complete and make the pointers durable (the model file is
+           hashed again unless this process staged it and its stat identity is unchanged)
 rollback   ``current`` := ``previous`` (or no model, when there is none), only while
            ``current`` is the version being rolled back; then the hook
 cleanup    remove every version that is neither ``current``, ``previous`` nor kept, and
@@ -106,6 +107,12 @@ class ModelStore:
         # and parsing one costs ~3 ms on the build host, far more on a Pi. `stage` seeds it
         # with the parse the runner's Verifying made, so an update parses its manifest once
         self._manifests: dict[Path, tuple[tuple[int, int, int, int], Manifest]] = {}
+        # (length, sha256) of model files this process wrote (stage hashes while it copies)
+        # or hashed, by path, with the stat identity they had: commit's completeness check
+        # reads a file staged a moment ago only if it was replaced or rewritten since (a
+        # read-back right after the fsync'd write comes from the page cache anyway). A new
+        # process starts empty, so after a restart every check is a full hash
+        self._hashes: dict[Path, tuple[tuple[int, int, int, int], tuple[int, str]]] = {}
 
     # -- paths and queries ------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
@@ -187,13 +194,33 @@ class ModelStore:
         return self.version_dir(name, version) / self.manifest(name, version).file.path
 
     def is_complete(self, name: str, version: str) -> bool:
-        """True when the version's manifest parses and its model file matches it (full hash)."""
+        """True when the version's manifest parses and its model file matches it (full hash,
+        unless this process wrote or hashed that very file: same path and stat identity)."""
         try:
             manifest = self.manifest(name, version)
-            length, digest = _hash_file(self.version_dir(name, version) / manifest.file.path)
+            length, digest = self._file_hash(self.version_dir(name, version)
+                                             / manifest.file.path)
         except (InstallError, OSError):
             return False
         return (length, digest) == (manifest.file.length, manifest.file.sha256)
+
+    def _file_hash(self, path: Path) -> tuple[int, str]:
+        """``(length, sha256)`` of ``path``, from :attr:`_hashes` while its identity holds.
+
+        Raises:
+            OSError: it cannot be stat'ed or read.
+        """
+        try:
+            identity = _identity(path.stat())
+        except OSError:
+            self._hashes.pop(path, None)
+            raise
+        cached = self._hashes.get(path)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
+        got = _hash_file(path)
+        self._hashes[path] = (identity, got)
+        return got
 
     # -- phases -----------------------------------------------------------------------------
     def stage(self, name: str, version: str, model_file: str | Path, manifest_bytes: bytes,
@@ -255,8 +282,10 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        with contextlib.suppress(OSError):  # only a cache: manifest() would read the file
+        with contextlib.suppress(OSError):  # only caches: a miss reads the file
             self._remember(dest / MANIFEST_FILE, manifest)
+            model = dest / manifest.file.path
+            self._hashes[model] = (_identity(model.stat()), (length, digest))
         return dest
 
     def activate(self, name: str, version: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tuf.api import exceptions as tuf_exc
 
 from agent.errors import ArtifactError
 from agent.protocol.messages import DesiredModel
 from agent.protocol.provisioning import Provisioning
-from agent.transport.artifacts import ArtifactFetcher
+from agent.transport.artifacts import ArtifactFetcher, AuthFetcher
 from agent.updater.runner import TargetRequest, TargetsFetcher
 from fleet_server.tuf_repo import TufRepository
 
@@ -161,3 +163,177 @@ def test_a_refused_token_is_an_artifact_error_naming_the_target(repo: Repo,
     bad = Provisioning(**{**prov.__dict__, "http_token": "ef_device_wrong"})
     with pytest.raises(ArtifactError, match=r"models/digits/1\.0\.0/rpi4/model\.onnx.*401"):
         TargetsFetcher(ArtifactFetcher(bad, tmp_path / "dev", max_bytes=1 << 20)).fetch(desired)
+
+
+# -- AuthFetcher: keep-alive connections, and a kept connection the server closed -------------
+class _KeepAlive(SimpleHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive; ``drop_after`` > 0: close the connection silently after that
+    many requests on it (no ``Connection: close``: the server's idle timeout, as the client
+    sees it)."""
+
+    protocol_version = "HTTP/1.1"
+    connections: list[int]
+    drop_after = 0
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(1)
+        self.served = 0
+
+    def do_GET(self) -> None:
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self.send_error(401)
+            return
+        super().do_GET()
+        self.served += 1
+        if self.drop_after and self.served >= self.drop_after:
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[tuple[str, list[int], type[_KeepAlive]]]:
+    (tmp_path / "a.json").write_bytes(b"a" * 1000)
+    (tmp_path / "big.bin").write_bytes(b"b" * 100_000)
+    handler: type[_KeepAlive] = type("Handler", (_KeepAlive,), {"connections": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        handler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+                              daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler.connections, handler
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_requests_share_one_kept_connection(files: tuple[str, list[int], type[_KeepAlive]]
+                                            ) -> None:
+    base, connections, _ = files
+    fetcher = AuthFetcher(TOKEN)
+    for _ in range(3):
+        assert fetcher.download_bytes(f"{base}/a.json", 2000) == b"a" * 1000
+    assert fetcher.download_bytes(f"{base}/big.bin", 200_000) == b"b" * 100_000
+    assert len(connections) == 1
+    fetcher.close()
+    assert fetcher.download_bytes(f"{base}/a.json", 2000) == b"a" * 1000
+    assert len(connections) == 2
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_once(
+        files: tuple[str, list[int], type[_KeepAlive]]) -> None:
+    base, connections, handler = files
+    handler.drop_after = 1  # every connection serves one request, then closes silently
+    fetcher = AuthFetcher(TOKEN)
+    for _ in range(3):
+        assert fetcher.download_bytes(f"{base}/a.json", 2000) == b"a" * 1000
+    assert len(connections) == 3
+
+
+def test_an_abandoned_download_does_not_leave_its_connection_for_the_next(
+        files: tuple[str, list[int], type[_KeepAlive]]) -> None:
+    base, connections, _ = files
+    fetcher = AuthFetcher(TOKEN, chunk=1000)
+    with pytest.raises(tuf_exc.DownloadLengthMismatchError):
+        fetcher.download_bytes(f"{base}/big.bin", 5000)  # the base stops reading at 5,000
+    assert fetcher.download_bytes(f"{base}/a.json", 2000) == b"a" * 1000
+    assert len(connections) == 2  # the half-read one was closed, not reused
+
+
+@pytest.mark.parametrize(("token", "path", "status"), [
+    (TOKEN, "/missing.json", 404), ("ef_device_wrong", "/a.json", 401)],
+    ids=["not-found", "unauthorized"])
+def test_an_http_error_status_is_a_download_http_error_with_that_status(
+        files: tuple[str, list[int], type[_KeepAlive]], token: str, path: str,
+        status: int) -> None:
+    base, _, _ = files
+    with pytest.raises(tuf_exc.DownloadHTTPError) as caught:
+        AuthFetcher(token).download_bytes(f"{base}{path}", 2000)
+    assert caught.value.status_code == status
+    assert path in str(caught.value)
+
+
+def test_a_server_that_does_not_answer_is_a_slow_retrieval(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+    try:
+        fetcher = AuthFetcher(TOKEN, timeout_s=0.2)
+        with pytest.raises(tuf_exc.SlowRetrievalError):
+            fetcher.download_bytes(f"http://127.0.0.1:{listener.getsockname()[1]}/a", 10)
+    finally:
+        listener.close()
+
+
+def test_a_url_that_is_not_http_is_refused_naming_it() -> None:
+    with pytest.raises(tuf_exc.DownloadError, match=r"expected an http\(s\) URL, got "
+                                                   r"'ftp://example\.org/a'"):
+        AuthFetcher(TOKEN).download_bytes("ftp://example.org/a", 10)
+
+
+def test_a_target_over_max_bytes_is_refused_before_downloading(repo: Repo,
+                                                               tmp_path: Path) -> None:
+    desired = repo.push("1.0.0", b"m" * 5000)
+    fetcher = TargetsFetcher(ArtifactFetcher(repo.provisioning(), tmp_path / "dev",
+                                             max_bytes=4096))
+    with pytest.raises(ArtifactError, match=r"model\.onnx'?: length 5000 is over this agent's "
+                                            r"max_download_bytes 4096"):
+        fetcher.fetch(desired)
+    assert _kinds(repo.take()) == ["root", "timestamp", "snapshot", "targets"]
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files), for a TLS server on loopback."""
+    import ipaddress
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_https_with_the_pinned_ca_reuses_its_connection_and_refuses_an_unknown_ca(
+        files: tuple[str, list[int], type[_KeepAlive]], tmp_path: Path) -> None:
+    import ssl
+
+    _, _, handler = files
+    cert_file, key_file = _self_signed(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        handler, directory=str(tmp_path)))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_file, key_file)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+                              daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}/a.json"
+        before = len(handler.connections)
+        fetcher = AuthFetcher(TOKEN, ca_file=str(cert_file))
+        for _ in range(2):
+            assert fetcher.download_bytes(url, 2000) == b"a" * 1000
+        assert len(handler.connections) - before == 1
+        with pytest.raises(tuf_exc.DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+            AuthFetcher(TOKEN).download_bytes(url, 2000)  # the system CAs do not know it
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

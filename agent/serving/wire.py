@@ -27,13 +27,17 @@ answer stands:
   refuses are decoded again by :mod:`json`, so a refusal always has the standard path's words;
 - orjson reads an integer past 64 bits as a float, :mod:`json` as an int (which no input
   dtype takes): a body with a run of 19 or more digits not after a ``.`` goes to :mod:`json`
-  directly (the integer part of a float as Python, numpy or JavaScript write it has at most
-  17 digits; its fraction may have more, as in ``0.00012345678901234567``);
+  directly (the integer part of a float as Python or numpy write it has at most 17 digits;
+  its fraction may have more, as in ``0.00012345678901234567``);
 - orjson writes non-finite floats as ``null``: a body that holds ``null`` (or outputs that are
   not numeric arrays) is written by :mod:`json` instead. Its float text can differ (``1e-05``
   against ``1e-5``), never the double it parses to.
 
-Duplicate keys keep the last value in both. ``EDGEFLEET_JSON=stdlib`` in the environment (read
+Duplicate keys keep the last value in both. One known difference: orjson reads nesting up to
+1,024 levels, while :mod:`json` stops near the interpreter's recursion limit (about 990-995
+levels, less in a deeper stack), so a request nested that deep *outside* ``inputs`` (a key the
+server ignores) is answered rather than refused; inside ``inputs`` numpy refuses so many
+dimensions and :mod:`json` decides. ``EDGEFLEET_JSON=stdlib`` in the environment (read
 at import) turns the accelerator off.
 
 Binary tensor framing (``Content-Type: application/x-edgefleet-tensors``), version 1::

@@ -129,6 +129,9 @@ class AuthFetcher(FetcherInterface):
         try:
             while chunk := response.read(self._chunk):
                 yield chunk
+            if response.length:  # read() answers b"" when the peer closes early: bytes owed
+                raise tuf_exc.DownloadError(f"GET {url}: the connection closed with "
+                                            f"{response.length} bytes of the body missing")
             done = True
         except TimeoutError as exc:
             raise tuf_exc.SlowRetrievalError(f"{url}: no data for {self._timeout:g} s") from exc

@@ -78,9 +78,13 @@ def _copy_hashed(src: Path, dst: Path, chunk: int = 1 << 20) -> tuple[int, str]:
     return length, digest.hexdigest()
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What :meth:`ModelStore.manifest`'s cache checks: a rewritten file never matches."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What the store's manifest and hash caches check: a replaced file, or one rewritten to
+    another size or at a later timestamp tick (mtime or ctime; ctime cannot be set back from
+    user space), never matches. A same-size rewrite within one timestamp tick (4 ms here,
+    coarser on kernels before 6.13's fine-grained timestamps) can: nothing in the agent
+    rewrites a staged file in place."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _hash_file(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
@@ -106,13 +110,13 @@ class ModelStore:
         # asks for the same manifest ~9 times (health check, activation, serving, reports),
         # and parsing one costs ~3 ms on the build host, far more on a Pi. `stage` seeds it
         # with the parse the runner's Verifying made, so an update parses its manifest once
-        self._manifests: dict[Path, tuple[tuple[int, int, int, int], Manifest]] = {}
+        self._manifests: dict[Path, tuple[tuple[int, ...], Manifest]] = {}
         # (length, sha256) of model files this process wrote (stage hashes while it copies)
         # or hashed, by path, with the stat identity they had: commit's completeness check
         # reads a file staged a moment ago only if it was replaced or rewritten since (a
         # read-back right after the fsync'd write comes from the page cache anyway). A new
         # process starts empty, so after a restart every check is a full hash
-        self._hashes: dict[Path, tuple[tuple[int, int, int, int], tuple[int, str]]] = {}
+        self._hashes: dict[Path, tuple[tuple[int, ...], tuple[int, str]]] = {}
 
     # -- paths and queries ------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:

@@ -184,6 +184,13 @@ class _KeepAlive(SimpleHTTPRequestHandler):
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             self.send_error(401)
             return
+        if self.path == "/cut.bin":  # promises 1,000 bytes, sends 500, then the server dies
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"c" * 500)
+            self.close_connection = True
+            return
         super().do_GET()
         self.served += 1
         if self.drop_after and self.served >= self.drop_after:
@@ -240,6 +247,20 @@ def test_an_abandoned_download_does_not_leave_its_connection_for_the_next(
         fetcher.download_bytes(f"{base}/big.bin", 5000)  # the base stops reading at 5,000
     assert fetcher.download_bytes(f"{base}/a.json", 2000) == b"a" * 1000
     assert len(connections) == 2  # the half-read one was closed, not reused
+
+
+def test_a_body_cut_short_is_a_download_error_not_a_short_file(
+        files: tuple[str, list[int], type[_KeepAlive]]) -> None:
+    """http.client's read() answers b"" when the connection closes early: taken as the end,
+    TUF would see a short file and fail its hash (fatal) instead of a retry (transient)."""
+    base, connections, _ = files
+    fetcher = AuthFetcher(TOKEN, chunk=100)
+    with pytest.raises(tuf_exc.DownloadError, match="closed with 500 bytes of the body missing"
+                       ) as caught:
+        fetcher.download_bytes(f"{base}/cut.bin", 2000)
+    assert not isinstance(caught.value, tuf_exc.DownloadLengthMismatchError)
+    assert fetcher.download_bytes(f"{base}/a.json", 2000) == b"a" * 1000
+    assert len(connections) == 2  # the cut connection was not kept
 
 
 @pytest.mark.parametrize(("token", "path", "status"), [

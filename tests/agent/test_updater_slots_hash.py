@@ -1,10 +1,12 @@
 """ModelStore's completeness check trusts the hash staging computed only for the very file it
-wrote: same path and stat identity, in the same process. Any rewrite or replacement, and any
-new process (a restart), hashes the file in full again."""
+wrote: same path and stat identity (device, inode, size, mtime, ctime), in the same process. A
+replacement, a rewrite seen in the timestamps, and any new process (a restart) hash the file in
+full again."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from test_health import WEIGHTS, Bundle, make_bundle
 
 from agent.errors import InstallError
+from agent.updater import slots
 from agent.updater.slots import ModelStore
 
 
@@ -35,13 +38,31 @@ def _flip_last_byte(model: Path) -> None:
 
 
 def test_the_staged_hash_stands_for_the_unchanged_file_and_a_new_process_reads_it(
+        tmp_path: Path, bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, model = _staged(tmp_path, bundle)
+    reads: list[Path] = []
+    real = slots._hash_file
+
+    def counted(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
+        reads.append(path)
+        return real(path, chunk)
+
+    monkeypatch.setattr(slots, "_hash_file", counted)
+    assert store.is_complete("clf", "1") and reads == []  # the copy's own hash stands
+    assert ModelStore(tmp_path).is_complete("clf", "1")  # after a restart: a full hash
+    assert reads == [model]
+
+
+def test_a_same_size_rewrite_with_its_mtime_put_back_is_still_seen(
         tmp_path: Path, bundle: Bundle) -> None:
+    """The ctime moves with the write and cannot be set back from user space."""
     store, model = _staged(tmp_path, bundle)
     st = model.stat()
-    _flip_last_byte(model)  # same inode and size; the mtime put back: the same identity
-    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert store.is_complete("clf", "1")  # not read again: the copy's own hash stands
-    assert not ModelStore(tmp_path).is_complete("clf", "1")  # after a restart: full hash
+    time.sleep(0.02)  # past the file system's timestamp tick (the ctime is the kernel's)
+    _flip_last_byte(model)  # same inode and size
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+    assert model.stat().st_mtime_ns == st.st_mtime_ns
+    assert not store.is_complete("clf", "1")
 
 
 def _rewrite(model: Path) -> None:

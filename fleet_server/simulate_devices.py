@@ -275,7 +275,7 @@ class AgentShard:
         from agent.config import AgentConfig
         from agent.daemon.app import Agent, load_provisioning
         from agent.transport.artifacts import AuthFetcher
-        from agent.transport.mqtt import LinkDriver, use_driver
+        from agent.transport.mqtt import LinkDriver
 
         loop = asyncio.get_running_loop()
         pool = (NewestFirstExecutor if self.options.executor_order == "newest-first"
@@ -294,12 +294,12 @@ class AgentShard:
             link = SimLink(self.options.slow_link_ms / 1e3)
             prov = load_provisioning(cfg.provisioning)
             agent = Agent(cfg, profiles_dir=profiles,
-                          tuf_fetcher=SimFetcher(AuthFetcher(prov.http_token), link))
+                          tuf_fetcher=SimFetcher(AuthFetcher(prov.http_token), link),
+                          link_driver=self._driver)
             stop = asyncio.Event()
             self.agents[spec.device_id], self.links[spec.device_id] = agent, link
             self._stops[spec.device_id] = stop
-            with use_driver(self._driver):  # the task's context: its DeviceLink uses it
-                self._tasks[spec.device_id] = asyncio.create_task(agent.run(stop))
+            self._tasks[spec.device_id] = asyncio.create_task(agent.run(stop))
             await asyncio.sleep(0)  # let it start while the next one is built
         deadline = time.monotonic() + self.options.connect_timeout_s
         while not all(a.link is not None and a.link.connected for a in self.agents.values()):

@@ -8,7 +8,8 @@ What runs, on one asyncio loop:
   :class:`UpdateRunner` in a worker thread (it blocks on downloads and health checks), with
   transient failures retried on a capped, jittered backoff;
 - a tick every ``metrics_interval_s``: per-request metrics and finished drift windows go into the
-  outbox; when connected, outbox batches go out and the server's acks delete them;
+  outbox; when connected, outbox batches go out and the server's acks delete them (the sender
+  sleeps until there is something to send: see :meth:`Agent._syncer`);
 - ``GET /metrics`` on the local API (:mod:`agent.serving.prom`, a registry per Agent): the
   running totals of the per-request metrics, the outbox, the link and the served models, all
   read when scraped.
@@ -53,7 +54,7 @@ from agent.serving.runtime import installed_runtimes, runtime_for
 from agent.serving.server import InferenceServer
 from agent.transport.artifacts import ArtifactFetcher
 from agent.transport.backoff import backoff_delay
-from agent.transport.mqtt import DeviceLink, LinkEvent
+from agent.transport.mqtt import DeviceLink, LinkDriver, LinkEvent
 from agent.updater.health import RuntimeHealthChecker
 from agent.updater.records import StateStore, UpdateRecord
 from agent.updater.runner import TargetsFetcher, UpdateReport, UpdateRunner
@@ -133,10 +134,13 @@ class Agent:
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
                  profiles_dir: Path | None = None,
-                 tuf_fetcher: FetcherInterface | None = None) -> None:
+                 tuf_fetcher: FetcherInterface | None = None,
+                 link_driver: LinkDriver | None = None) -> None:
         # tuf_fetcher: the HTTP fetcher under tuf.ngclient (default: the device token over
         # kept-alive http.client connections); fleet_server.simulate wraps it to inject slow
-        # or broken links
+        # or broken links. link_driver: the thread that runs the MQTT link's network loop
+        # (default: the link's own paho thread, as on a device); the simulator passes one
+        # shared by every agent of a process
         self.config = config
         self.clock = clock
         self._rand = rand
@@ -194,6 +198,7 @@ class Agent:
         self._acked_at: dict[str, float] = {}  # stream -> clock() of its last ack (this run)
         self._window_rows = 16 * config.sync_batch  # unacked rows in flight per stream
         self._sync_wake: asyncio.Event | None = None
+        self._link_driver = link_driver
 
     # -- serving side -------------------------------------------------------------------
     def _observe(self, name: str, version: str, latency_ms: float, ok: bool,
@@ -395,9 +400,11 @@ class Agent:
             await loop.run_in_executor(None, self._publish_reported)
 
     # -- outbox ---------------------------------------------------------------------------
-    def tick(self) -> None:
-        """Move metrics and finished drift windows into the outbox (loop thread)."""
+    def tick(self) -> int:
+        """Move metrics and finished drift windows into the outbox (loop thread); return how
+        many rows that appended."""
         now = self.clock()
+        appended = 0
         while self._observed:
             name, _version, inputs, outputs = self._observed.popleft()
             monitor = self._monitor(name)
@@ -411,6 +418,7 @@ class Agent:
             if summary is not None:
                 self.outbox.append("drift", DRIFT_SUMMARY_KIND, summary.to_body(),
                                    at=summary.end, priority="summary")
+                appended += 1
         with self._drift_lock:
             monitors = list(self._drift.values())
         for monitor in monitors:  # windows that ran out of time, not of samples
@@ -419,10 +427,12 @@ class Agent:
                 if summary is not None:
                     self.outbox.append("drift", DRIFT_SUMMARY_KIND, summary.to_body(),
                                        at=summary.end, priority="summary")
+                    appended += 1
         bodies = self.metrics.flush(now)
         if bodies:
             self.outbox.append_many("telemetry", [(METRICS_KIND, b, now) for b in bodies],
                                     priority="metrics")
+        return appended + len(bodies)
 
     def batches(self) -> list[tuple[str, bytes, int]]:
         """Held records not yet sent on this connection, as (stream, payload, last seq).
@@ -455,7 +465,11 @@ class Agent:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.config.metrics_interval_s)
-            self.tick()
+            self._tick_and_wake()
+
+    def _tick_and_wake(self) -> None:
+        """One tick; the syncer wakes only when the tick gave it rows to send."""
+        if self.tick():
             self._wake_sync()
 
     def _wake_sync(self) -> None:
@@ -464,10 +478,27 @@ class Agent:
 
     async def _syncer(self) -> None:
         """Drain the outbox continuously while connected, at most ``_window_rows`` unacked per
-        stream; sleep until new rows, an ack or a reconnect wakes it."""
+        stream; then sleep, with no timer, until something gives it work.
+
+        What :meth:`batches` returns changes only when rows are appended, acked or the link
+        comes up, and each of those wakes it (``_wake_sync``):
+
+        - rows appended: only the tick writes the outbox (:meth:`_tick_and_wake`; an eviction's
+          event row comes with an append, a corrupt file's reset row is written at open,
+          before any connect; ``reported`` is published directly, not through the outbox);
+        - an ack: it deletes rows and reopens a stream's window (``_events_loop``);
+        - a (re)connect: what was sent but not acked goes again (``_events_loop``);
+        - a link going down gives it nothing to do (``batches`` needs a connected link).
+
+        Only a failed send sleeps with a timeout (``metrics_interval_s``): a PUBACK that did not
+        come in time leaves rows to send while still connected, and nothing else would say so.
+        """
         assert self._sync_wake is not None
         loop = asyncio.get_running_loop()
         while True:
+            # cleared before looking: a wake that comes during a send is not lost
+            self._sync_wake.clear()
+            retry_in: float | None = None
             payloads = (self.batches()
                         if self.link is not None and self.link.connected else [])
             if payloads:
@@ -476,9 +507,12 @@ class Agent:
                     continue
                 except TransportError as exc:
                     log.info("sync paused: %s", exc)
-            self._sync_wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sync_wake.wait(), self.config.metrics_interval_s)
+                    retry_in = self.config.metrics_interval_s
+            if retry_in is None:
+                await self._sync_wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._sync_wake.wait(), retry_in)
 
     # -- link events ----------------------------------------------------------------------
     async def _events_loop(self) -> None:
@@ -538,7 +572,7 @@ class Agent:
         self.link = DeviceLink(self.prov, lambda ev: loop.call_soon_threadsafe(
             events.put_nowait, ev), clock=self.clock,
             reconnect_min_s=self.config.reconnect_min_s,
-            reconnect_max_s=self.config.reconnect_max_s)
+            reconnect_max_s=self.config.reconnect_max_s, driver=self._link_driver)
         self.link.start()
         tasks = [asyncio.create_task(c) for c in (self._events_loop(), self._reconciler(),
                                                   self._ticker(), self._syncer())]

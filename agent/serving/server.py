@@ -208,6 +208,7 @@ class _Connection(asyncio.BufferedProtocol):
         # a stream transport (create_server); uvloop's does not subclass asyncio.Transport
         self._transport = cast(asyncio.Transport, transport)
         self._server._connections.add(self)
+        self._server._arm_sweep(self._loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server._connections.discard(self)
@@ -253,6 +254,11 @@ class _Connection(asyncio.BufferedProtocol):
     @property
     def busy(self) -> bool:
         return self._pending is not None
+
+    @property
+    def closed(self) -> bool:
+        """Closed by this side (or lost): nothing more is read or answered."""
+        return self._transport is None
 
     def close(self) -> None:
         """Close after the buffered output is written; nothing more is read or answered."""
@@ -534,7 +540,9 @@ class InferenceServer:
         self._busy: set[_Connection] = set()
         self._predicted = False  # a predict was dispatched in this loop iteration
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        # armed only while a connection is open (see _sweep): an agent nobody calls keeps no
+        # timer for its local API
+        self._sweeper: asyncio.TimerHandle | None = None
         self._stopping = False
 
     async def start(self) -> None:
@@ -562,7 +570,6 @@ class InferenceServer:
                               f"http_port): {exc}") from exc
         addresses = [sock.getsockname() for sock in self._server.sockets]
         self.port = int(addresses[0][1])
-        self._sweeper = loop.create_task(self._sweep(loop))
         shown = ", ".join(f"{a[0]}:{a[1]}" for a in addresses)
         public = [a[0] for a in addresses if not _is_loopback(str(a[0]))]
         if public:
@@ -584,6 +591,7 @@ class InferenceServer:
         self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._connections):
             if not conn.busy:
                 conn.close()
@@ -624,12 +632,23 @@ class InferenceServer:
         if not self._busy and self._idle is not None:
             self._idle.set()
 
-    async def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Close keep-alive connections idle for longer than ``idle_timeout_s``."""
-        interval = min(5.0, self.idle_timeout_s / 2)
-        while True:
-            await asyncio.sleep(interval)
-            deadline = loop.time() - self.idle_timeout_s
-            for conn in list(self._connections):
-                if not conn.busy and conn.last_active < deadline:
-                    conn.close()
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure a sweep is due (a connection opened); nothing while stopping."""
+        if self._sweeper is None and not self._stopping:
+            self._sweeper = loop.call_later(min(5.0, self.idle_timeout_s / 2), self._sweep,
+                                            loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close keep-alive connections idle for longer than ``idle_timeout_s``; sweep again
+        later only while a connection is still open (the next one to open re-arms it).
+
+        A connection idle for ``idle_timeout_s`` is closed within ``idle_timeout_s`` plus one
+        sweep interval (``min(5 s, idle_timeout_s / 2)``).
+        """
+        self._sweeper = None
+        deadline = loop.time() - self.idle_timeout_s
+        for conn in list(self._connections):
+            if not conn.busy and conn.last_active < deadline:
+                conn.close()
+        if any(not conn.closed for conn in self._connections):
+            self._arm_sweep(loop)

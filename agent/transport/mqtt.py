@@ -14,7 +14,7 @@ paho's external loop (``loop_read``/``loop_write``/``loop_misc`` on epoll, so ne
 ``select()`` limit of descriptors below 1024 nor a thread per link applies), reconnecting with
 the same per-link backoff bounds. The link's callbacks, events, publishes and their PUBACK
 waits are the same either way; only which thread reads and writes the socket differs. Pass
-``driver=`` or make one the default of a context with :func:`use_driver`.
+``driver=`` (the daemon's ``Agent(link_driver=...)``).
 
 paho's network thread wakes once per ``loop_timeout`` even when nothing happens (to send its
 keep-alive ping on time). paho's own default is every second, which for a thousand simulated
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import logging
 import random
 import selectors
@@ -37,7 +36,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -49,7 +48,7 @@ from agent.protocol.messages import Status
 from agent.protocol.provisioning import Provisioning
 from agent.protocol.topics import device_topic, parse_topic
 
-__all__ = ["DeviceLink", "LinkDriver", "LinkEvent", "use_driver"]
+__all__ = ["DeviceLink", "LinkDriver", "LinkEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -309,21 +308,6 @@ class LinkDriver:
                 entry.events = want
 
 
-_DEFAULT_DRIVER: contextvars.ContextVar[LinkDriver | None] = contextvars.ContextVar(
-    "edgefleet_link_driver", default=None)
-
-
-@contextlib.contextmanager
-def use_driver(driver: LinkDriver | None) -> Iterator[None]:
-    """Within this block (and in asyncio tasks created in it), a :class:`DeviceLink` built
-    without ``driver=`` is driven by ``driver`` (None: its own network thread)."""
-    token = _DEFAULT_DRIVER.set(driver)
-    try:
-        yield
-    finally:
-        _DEFAULT_DRIVER.reset(token)
-
-
 @dataclass(frozen=True)
 class LinkEvent:
     kind: str  # "connected" | "disconnected" | "message" | "refused"
@@ -349,7 +333,7 @@ class DeviceLink:
         self._clock = clock
         self._keepalive = keepalive
         # None: this link's own network thread (loop_start), as on a device
-        self._driver = driver if driver is not None else _DEFAULT_DRIVER.get()
+        self._driver = driver
         self._connected = threading.Event()
         self._client = _Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                client_id=f"edgefleet-{prov.device_id}",

@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.config import load_config
 from agent.daemon.app import Agent, load_provisioning
 from agent.errors import ArtifactError, ConfigError, TransportError
-from agent.protocol.messages import DesiredModel, DesiredState, Reported, RunningModel
+from agent.protocol.messages import Ack, DesiredModel, DesiredState, Reported, RunningModel
 from agent.protocol.signed import sign_desired
+from agent.transport.mqtt import LinkEvent
 from agent.updater.runner import UpdateReport
 from fleet_server.auth import Principal
 from fleet_server.db import atomic
@@ -276,3 +277,176 @@ def test_drift_monitor_is_built_at_the_first_prediction(fleet: Fleet, tmp_path: 
     agent.host.close()
     agent.outbox.close()
     agent.state.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the outbox sender sleeps, with no timer, until a tick, an ack or a (re)connect gives it work
+# ---------------------------------------------------------------------------------------------
+class SignallingLink(RecordingLink):
+    """RecordingLink that sets ``sent`` (on the loop) after each publish, and fails the first
+    ``fail`` publishes as a missing PUBACK does."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fail: int = 0) -> None:
+        super().__init__()
+        self._loop = loop
+        self.fail = fail
+        self.sent = asyncio.Event()
+
+    def publish(self, kind: str, payload: bytes, *, retain: bool = False) -> None:
+        if self.fail > 0:
+            self.fail -= 1
+            raise TransportError(f"no PUBACK for {kind} within 10.0s")
+        super().publish(kind, payload, retain=retain)
+        self._loop.call_soon_threadsafe(self.sent.set)
+
+    def outbox_sends(self) -> int:
+        with self._lock:
+            return sum(1 for kind, _, _ in self.published if kind in ("telemetry", "drift"))
+
+    async def wait_sends(self, n: int) -> None:
+        while self.outbox_sends() < n:
+            self.sent.clear()
+            await asyncio.wait_for(self.sent.wait(), 10)
+
+
+class TimerCountingLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop, counting the timers it is asked for: each is a wake-up of an idle
+    agent, paid once per device in a fleet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timers = 0
+
+    def call_at(self, when: float, callback: Any, *args: Any,  # type: ignore[override]
+                context: Any = None) -> asyncio.TimerHandle:
+        self.timers += 1
+        return super().call_at(when, callback, *args, context=context)
+
+
+async def _settle() -> None:
+    """Let the tasks just woken run up to their next wait (no timer involved)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def _start_sender(agent: Agent, fail: int = 0) -> tuple[SignallingLink, list[Any]]:
+    """The daemon's sender and link-event tasks on this loop, over a connected link."""
+    loop = asyncio.get_running_loop()
+    link = SignallingLink(loop, fail=fail)
+    agent.link = link  # type: ignore[assignment]
+    agent._loop = loop
+    agent._sync_wake = asyncio.Event()
+    agent._events = asyncio.Queue()
+    agent._desired = asyncio.Queue()
+    tasks = [asyncio.create_task(agent._syncer()), asyncio.create_task(agent._events_loop())]
+    await _settle()
+    return link, tasks
+
+
+async def _stop(tasks: list[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _observe(agent: Agent, models: int = 1) -> None:
+    for i in range(models):
+        agent.metrics.observe(f"m{i}", "1", 1.0, True)
+
+
+def test_an_idle_sender_keeps_no_timer_and_an_empty_tick_does_not_wake_it(
+        fleet: Fleet, tmp_path: Path) -> None:
+    agent = make_agent(fleet, tmp_path, extra="metrics_interval_s = 0.05\n")
+
+    async def scenario() -> tuple[int, bool, int]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, TimerCountingLoop)
+        link, tasks = await _start_sender(agent)
+        try:
+            agent._tick_and_wake()  # nothing was observed: no rows
+            woken = agent._sync_wake.is_set()  # type: ignore[union-attr]
+            await _settle()
+            return loop.timers, woken, link.outbox_sends()
+        finally:
+            await _stop(tasks)
+
+    with asyncio.Runner(loop_factory=TimerCountingLoop) as runner:
+        timers, woken, sends = runner.run(scenario())
+    assert (timers, woken, sends) == (0, False, 0)
+
+
+def test_a_tick_with_rows_an_ack_and_a_reconnect_each_wake_the_sender(
+        fleet: Fleet, tmp_path: Path) -> None:
+    # one row per message and 16 unacked rows per stream at most (16 * sync_batch)
+    agent = make_agent(fleet, tmp_path, extra="sync_batch = 1\n")
+
+    async def scenario() -> list[int]:
+        link, tasks = await _start_sender(agent)
+        assert agent._events is not None
+        seen = []
+        try:
+            _observe(agent, models=17)
+            agent._tick_and_wake()  # 17 metrics rows: 16 go, then the window is full
+            await link.wait_sends(16)
+            await _settle()
+            seen.append(link.outbox_sends())
+            ack = Ack(device_id="pi-7", stream="telemetry", upto_seq=16)
+            agent._events.put_nowait(LinkEvent("message", topic_kind="ack",
+                                               payload=ack.to_bytes()))
+            await link.wait_sends(17)  # the ack reopened the window
+            seen.append(link.outbox_sends())
+            # a reconnect sends again what the server has not acked (seq 17)
+            agent._events.put_nowait(LinkEvent("connected"))
+            await link.wait_sends(18)
+            seen.append(link.outbox_sends())
+        finally:
+            await _stop(tasks)
+        return seen
+
+    assert asyncio.run(scenario()) == [16, 17, 18]
+    assert agent.outbox.pending("telemetry", 100)[0].seq == 17  # held until acked
+
+
+def test_a_failed_send_is_retried_after_the_interval_with_nothing_else_happening(
+        fleet: Fleet, tmp_path: Path) -> None:
+    agent = make_agent(fleet, tmp_path, extra="metrics_interval_s = 0.05\n")
+
+    async def scenario() -> int:
+        link, tasks = await _start_sender(agent, fail=1)
+        try:
+            _observe(agent)
+            agent._tick_and_wake()  # the first publish fails: no PUBACK in time
+            await link.wait_sends(1)  # retried on the timer alone
+            return link.outbox_sends()
+        finally:
+            await _stop(tasks)
+
+    assert asyncio.run(scenario()) == 1
+
+
+class AttachRecordingDriver:
+    """The LinkDriver seam: records which MQTT clients it was given, connects none."""
+
+    def __init__(self) -> None:
+        self.attached: list[str] = []
+        self.detached: list[str] = []
+
+    def attach(self, client: Any, reconnect: tuple[float, float]) -> None:
+        self.attached.append(client._client_id.decode())
+
+    def detach(self, client: Any, timeout: float = 5.0) -> bool:
+        self.detached.append(client._client_id.decode())
+        return True
+
+
+def test_the_agent_hands_its_link_to_the_driver_it_is_given(fleet: Fleet,
+                                                             tmp_path: Path) -> None:
+    driver = AttachRecordingDriver()
+    agent = make_agent(fleet, tmp_path, link_driver=driver)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        await agent.run(stop, ready=lambda _agent: stop.set())
+
+    asyncio.run(scenario())
+    assert (driver.attached, driver.detached) == (["edgefleet-pi-7"], ["edgefleet-pi-7"])

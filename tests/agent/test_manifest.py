@@ -377,6 +377,56 @@ def test_from_bytes_refuses_what_strict_json_lets_through(raw: bytes, field: str
     assert "expected" in str(info.value)
 
 
+# the edges of what from_bytes checks after strict parsing: the largest double is
+# 1.7976931348623157e308 (a literal past it parses as infinity), and nesting may go 100 levels
+# deep (the root object is level 1, so lineage=_nested(98) is level 100)
+FROM_BYTES_EDGES = [
+    ("largest-power-of-ten", _raw("lineage.x", b"1e308"), "lineage.x", 1e308),
+    ("largest-double", _raw("lineage.x", b"1.7976931348623157e308"), "lineage.x",
+     1.7976931348623157e308),
+    ("309-digit-float", _raw("lineage.x", b"1" + b"0" * 308 + b".0"), "lineage.x", 1e308),
+    ("underflow-is-zero", _raw("lineage.x", b"1e-400"), "lineage.x", 0.0),
+    ("400-digit-integer", _raw("lineage.x", b"9" * 400), "lineage.x", int("9" * 400)),
+    ("exponent-in-a-string", _raw("lineage.x", b'"1e999 ]]] {{{"'), "lineage.x",
+     "1e999 ]]] {{{"),
+    ("nesting-at-the-limit", _raw("lineage", json.dumps(_nested(98)).encode()),
+     "lineage" + ".a" * 98, {}),
+]
+
+
+@pytest.mark.parametrize(("raw", "field", "value"), [r[1:] for r in FROM_BYTES_EDGES],
+                         ids=[r[0] for r in FROM_BYTES_EDGES])
+def test_from_bytes_accepts_up_to_the_edges(raw: bytes, field: str, value: Any) -> None:
+    got = _get(Manifest.from_bytes(raw).to_dict(), field)
+    assert got == value and type(got) is type(value)
+
+
+PAST_THE_EDGES = [
+    ("one-power-of-ten-over", _raw("lineage.x", b"1e309"), "lineage.x"),
+    ("just-over-the-largest-double", _raw("lineage.x", b"1.8e308"), "lineage.x"),
+    ("exponent-with-plus", _raw("lineage.x", b"1E+309"), "lineage.x"),
+    ("two-digit-exponent-long-mantissa", _raw("lineage.x", b"2" + b"0" * 209 + b"e99"),
+     "lineage.x"),
+    ("400-digit-float", _raw("lineage.x", b"4" + b"0" * 399 + b".5"), "lineage.x"),
+    ("nesting-one-past-the-limit", _raw("lineage", json.dumps(_nested(99)).encode()),
+     "lineage" + ".a" * 99),
+    # for any check on the text: counted with the brackets in strings (a "]" before, a "["
+    # after), this nests only 100 deep
+    ("deep-between-brackets-in-strings", _raw("lineage", json.dumps(
+        {"s": "]", "deep": _nested(98), "t": "["}).encode()),
+     "lineage.deep" + ".a" * 98),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), [r[1:] for r in PAST_THE_EDGES],
+                         ids=[r[0] for r in PAST_THE_EDGES])
+def test_from_bytes_refuses_past_the_edges(raw: bytes, field: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_bytes(raw)
+    assert info.value.path == field
+    assert "expected" in str(info.value)
+
+
 def test_from_bytes_builds_what_from_dict_builds_and_shares_nothing() -> None:
     raw = json.dumps(_rich()).encode()
     m = Manifest.from_bytes(raw)

@@ -21,7 +21,7 @@ from agent.errors import TransportError
 from agent.protocol.messages import Status
 from agent.protocol.provisioning import Provisioning
 from agent.protocol.topics import device_topic
-from agent.transport.mqtt import DeviceLink, LinkDriver, LinkEvent, use_driver
+from agent.transport.mqtt import DeviceLink, LinkDriver, LinkEvent
 from fleet_server.mqtt.mosquitto import MosquittoProcess, find_mosquitto
 from fleet_server.mqtt.passwords import hash_password
 
@@ -101,9 +101,8 @@ def test_links_on_one_driver_connect_receive_and_publish(
         driver: LinkDriver) -> None:
     server_client, reported = server
     events = {d: queue.Queue[LinkEvent]() for d in DEVICES}
-    with use_driver(driver):  # built without driver=: the context's driver hosts them
-        links = {d: DeviceLink(_prov(d, broker.url), events[d].put, rand=lambda: 0.0)
-                 for d in DEVICES}
+    links = {d: DeviceLink(_prov(d, broker.url), events[d].put, rand=lambda: 0.0, driver=driver)
+             for d in DEVICES}
     threads_before = {t.name for t in threading.enumerate()}
     for link in links.values():
         link.start()

@@ -492,6 +492,30 @@ def test_loopback_bind_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_the_idle_sweeper_runs_only_while_a_connection_is_open(loop_kind: str) -> None:
+    """No timer for an agent nobody calls; a kept-alive connection arms it, and closing the
+    last idle one (after idle_timeout_s, plus at most one sweep interval) disarms it."""
+    host = ModelHost(workers=1)
+
+    async def armed(server: InferenceServer) -> bool:
+        return server._sweeper is not None
+
+    try:
+        with ServerThread(host, loop_kind, idle_timeout_s=0.2) as st:
+            before = st.call(armed(st.server))
+            with socket.create_connection(("127.0.0.1", st.server.port), timeout=10) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                answer = sock.recv(65536)
+                while_open = st.call(armed(st.server))
+                rest = sock.recv(65536)  # b"": the sweeper closed the idle connection
+            after = st.call(armed(st.server))
+    finally:
+        host.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" not in answer
+    assert (before, while_open, rest, after) == (False, True, b"", False)
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 JSON_CT = {"Content-Type": "application/json"}

@@ -247,13 +247,7 @@ class LinkDriver:
                     with contextlib.suppress(BlockingIOError, OSError):
                         self._wake_r.recv(4096)
                     continue
-                if mask & selectors.EVENT_READ:
-                    client.loop_read()
-                    while _tls_pending(client):  # decrypted bytes epoll cannot see
-                        client.loop_read()
-                if mask & selectors.EVENT_WRITE:
-                    client.loop_write()
-                self._settle(client)
+                self._guarded(client, self._ready, client, mask)
             # before draining: whatever is queued after this is either drained below or wakes
             # the next select (a queued item seen as "already woken" is always drained below)
             self._woken = False
@@ -262,17 +256,36 @@ class LinkDriver:
             while self._dirty:
                 client = self._dirty.popleft()
                 if client in self._clients:
-                    client.loop_write()
+                    self._guarded(client, client.loop_write)
                     self._settle(client)
             now = self._clock()
             if now >= misc_at:
                 misc_at = now + self._misc_interval_s
                 for client in list(self._clients):
                     if client.socket() is not None:
-                        client.loop_misc()  # keep-alive ping, or drop a dead connection
+                        # keep-alive ping, or drop a dead connection
+                        self._guarded(client, client.loop_misc)
                         self._settle(client)
             for client in [c for c, at in self._waiting.items() if at <= now]:
                 self._connect(client, now)
+
+    def _ready(self, client: paho.Client, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            client.loop_read()
+            while _tls_pending(client):  # decrypted bytes epoll cannot see
+                client.loop_read()
+        if mask & selectors.EVENT_WRITE:
+            client.loop_write()
+        self._settle(client)
+
+    def _guarded(self, client: paho.Client, fn: Callable[..., object], *args: object) -> None:
+        """Run one client's I/O; an exception (paho re-raises its callbacks', e.g. an agent
+        whose event loop closed) is logged, not allowed to stop every other link's I/O."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("MQTT link %s: error in its I/O or a callback; the driver goes on",
+                          getattr(client, "_client_id", b"?"))
 
     def _connect(self, client: paho.Client, now: float) -> None:
         del self._waiting[client]

@@ -165,6 +165,37 @@ def test_a_dropped_link_reconnects_and_stop_start_works(
     link.stop()
 
 
+def test_one_links_failing_callback_does_not_stop_the_others(
+        broker: MosquittoProcess, server: tuple[paho.Client, queue.Queue[paho.MQTTMessage]],
+        driver: LinkDriver, caplog: pytest.LogCaptureFixture) -> None:
+    """paho re-raises a callback's exception out of loop_read: on a shared driver it must not
+    end the thread every other link's I/O runs on (logged instead)."""
+    server_client, _ = server
+    good: queue.Queue[LinkEvent] = queue.Queue()
+    bad: queue.Queue[LinkEvent] = queue.Queue()
+
+    def failing(ev: LinkEvent) -> None:
+        bad.put(ev)
+        if ev.kind == "message":  # e.g. call_soon_threadsafe on an agent's closed loop
+            raise RuntimeError("Event loop is closed")
+
+    a = DeviceLink(_prov(DEVICES[0], broker.url), failing, driver=driver, rand=lambda: 0.0)
+    b = DeviceLink(_prov(DEVICES[1], broker.url), good.put, driver=driver, rand=lambda: 0.0)
+    a.start()
+    b.start()
+    _next(bad, "connected")
+    _next(good, "connected")
+    for dev, payload in ((DEVICES[0], b"x"), (DEVICES[1], b"y")):
+        server_client.publish(device_topic(dev, "desired"), payload, qos=1).wait_for_publish(WAIT)
+    assert _next(bad, "message").payload == b"x"
+    assert _next(good, "message").payload == b"y"  # the other link still gets its own
+    server_client.publish(device_topic(DEVICES[1], "desired"), b"w", qos=1).wait_for_publish(WAIT)
+    assert _next(good, "message").payload == b"w"  # and goes on getting them
+    assert "error in its I/O or a callback" in caplog.text
+    a.stop()
+    b.stop()
+
+
 def test_driver_misuse_is_refused() -> None:
     with pytest.raises(ValueError, match="misc_interval_s: expected > 0, got 0"):
         LinkDriver(misc_interval_s=0)

@@ -32,14 +32,12 @@ Results go to stdout (Markdown or ``--json``), progress to stderr. Exit codes: 0
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,21 +49,8 @@ from fleet_server.simulate import (  # noqa: E402 - after the sys.path line abov
     MODEL,
     FleetSimulation,
     SimConfig,
+    bundle_tar,
 )
-
-
-def _bundle(directory: Path, version: str) -> bytes:
-    """The cached digits bundle as a tar, its manifest saying ``version``."""
-    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-    manifest["model"]["version"] = version
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = json.dumps(manifest).encode()
-        info = tarfile.TarInfo("manifest.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-        tar.add(directory / "model.onnx", arcname="model.onnx")
-    return buf.getvalue()
 
 
 def _cpu_ns(pid: int) -> int:
@@ -127,7 +112,7 @@ def measure(updates: int, warmup: int, broker: str, work_dir: Path,
                                         "--output", str(profile)], stdout=subprocess.DEVNULL)
                 time.sleep(1.0)
             version = f"1.1.{i}"
-            sim._post("/v1/models", content=_bundle(bundle_dir, version),
+            sim._post("/v1/models", content=bundle_tar(bundle_dir, version=version),
                       headers={"Content-Type": "application/x-tar"})
             time.sleep(0.2)  # let the agent go idle (the push publishes nothing to it)
             cpu0, t0 = _cpu_ns(pid), time.perf_counter()

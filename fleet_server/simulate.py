@@ -333,10 +333,13 @@ def build_bundles(cache_dir: Path, profiles: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def bundle_tar(directory: Path, *, bad: bool = False) -> bytes:
+def bundle_tar(directory: Path, *, bad: bool = False, version: str | None = None) -> bytes:
     """The bundle as a tar; ``bad``: version :data:`BAD_VERSION` with golden outputs ``1 - p``
-    (float outputs), which the model cannot reproduce on the device."""
+    (float outputs), which the model cannot reproduce on the device; ``version``: the
+    manifest says that version instead (ignored with ``bad``)."""
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    if version is not None:
+        manifest["model"]["version"] = version
     if bad:
         import base64
 

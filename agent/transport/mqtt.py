@@ -166,16 +166,18 @@ class LinkDriver:
         done = threading.Event()
 
         def op() -> None:
-            self._clients.pop(client, None)
-            self._waiting.pop(client, None)
-            if client.socket() is not None:
-                client.disconnect()
-                client.loop_write()  # DISCONNECT written: paho closes the socket
-            sock = client.socket()
-            if sock is not None:  # could not write it all now: leave the socket to paho
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(sock)
-            done.set()
+            try:
+                self._clients.pop(client, None)
+                self._waiting.pop(client, None)
+                if client.socket() is not None:
+                    client.disconnect()
+                    client.loop_write()  # DISCONNECT written: paho closes the socket
+            finally:
+                sock = client.socket()
+                if sock is not None:  # could not write it all now: leave the socket to paho
+                    with contextlib.suppress(KeyError, ValueError):
+                        self._sel.unregister(sock)
+                done.set()
 
         if threading.current_thread() is self._thread:
             op()
@@ -248,11 +250,13 @@ class LinkDriver:
                         self._wake_r.recv(4096)
                     continue
                 self._guarded(client, self._ready, client, mask)
+                self._settle(client)  # even after an error: a closed socket is reconnected
             # before draining: whatever is queued after this is either drained below or wakes
             # the next select (a queued item seen as "already woken" is always drained below)
             self._woken = False
             while self._ops:
-                self._ops.popleft()()
+                op = self._ops.popleft()
+                self._guarded(None, op)
             while self._dirty:
                 client = self._dirty.popleft()
                 if client in self._clients:
@@ -276,16 +280,18 @@ class LinkDriver:
                 client.loop_read()
         if mask & selectors.EVENT_WRITE:
             client.loop_write()
-        self._settle(client)
 
-    def _guarded(self, client: paho.Client, fn: Callable[..., object], *args: object) -> None:
-        """Run one client's I/O; an exception (paho re-raises its callbacks', e.g. an agent
-        whose event loop closed) is logged, not allowed to stop every other link's I/O."""
+    def _guarded(self, client: paho.Client | None, fn: Callable[..., object],
+                 *args: object) -> None:
+        """Run one client's I/O (or a queued step: ``client`` None); an exception is logged,
+        not allowed to end the thread every other link's I/O runs on. ``DeviceLink`` keeps
+        its handlers' exceptions out of paho (``_emit``): paho re-handles a packet whose
+        callback raised on every later read, which here would spin."""
         try:
             fn(*args)
         except Exception:
-            log.exception("MQTT link %s: error in its I/O or a callback; the driver goes on",
-                          getattr(client, "_client_id", b"?"))
+            log.exception("MQTT link %s: error in its I/O or a queued step; the driver goes on",
+                          getattr(client, "_client_id", b"?") if client is not None else "-")
 
     def _connect(self, client: paho.Client, now: float) -> None:
         del self._waiting[client]
@@ -376,7 +382,7 @@ class DeviceLink:
     def _on_connect(self, client: paho.Client, _u: object, _flags: object, reason: object,
                     _props: object) -> None:
         if getattr(reason, "is_failure", False):
-            self._on_event(LinkEvent("refused", detail=str(reason)))
+            self._emit(LinkEvent("refused", detail=str(reason)))
             return
         set_nodelay(client)
         dev = self._prov.device_id
@@ -384,12 +390,12 @@ class DeviceLink:
         online = Status(device_id=dev, online=True, at=int(self._clock()))
         client.publish(device_topic(dev, "status"), online.to_bytes(), qos=1, retain=True)
         self._connected.set()
-        self._on_event(LinkEvent("connected"))
+        self._emit(LinkEvent("connected"))
 
     def _on_disconnect(self, _c: paho.Client, _u: object, _flags: object, reason: object,
                        _props: object) -> None:
         self._connected.clear()
-        self._on_event(LinkEvent("disconnected", detail=str(reason)))
+        self._emit(LinkEvent("disconnected", detail=str(reason)))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         try:
@@ -398,7 +404,17 @@ class DeviceLink:
             return
         if device != self._prov.device_id:
             return  # the broker's ACL should make this impossible; never act on it
-        self._on_event(LinkEvent("message", topic_kind=kind, payload=bytes(msg.payload)))
+        self._emit(LinkEvent("message", topic_kind=kind, payload=bytes(msg.payload)))
+
+    def _emit(self, ev: LinkEvent) -> None:
+        """Hand ``ev`` to ``on_event``; never let its exception into paho, which would keep
+        the packet being handled and handle it again on every later read (a spin on a
+        LinkDriver), or run on_disconnect before closing the socket (a dead driver thread)."""
+        try:
+            self._on_event(ev)
+        except Exception:
+            log.exception("MQTT link %s: the %s event was dropped: its handler failed",
+                          self._prov.device_id, ev.kind)
 
     # -- API -------------------------------------------------------------------------------
     @property

@@ -165,35 +165,49 @@ def test_a_dropped_link_reconnects_and_stop_start_works(
     link.stop()
 
 
-def test_one_links_failing_callback_does_not_stop_the_others(
+@pytest.mark.parametrize("failing", ["message", "connected"])
+def test_one_links_failing_handler_does_not_stop_or_spin_the_others(
         broker: MosquittoProcess, server: tuple[paho.Client, queue.Queue[paho.MQTTMessage]],
-        driver: LinkDriver, caplog: pytest.LogCaptureFixture) -> None:
-    """paho re-raises a callback's exception out of loop_read: on a shared driver it must not
-    end the thread every other link's I/O runs on (logged instead)."""
+        driver: LinkDriver, caplog: pytest.LogCaptureFixture, failing: str) -> None:
+    """A handler that raises (e.g. call_soon_threadsafe on an agent's closed loop) must not
+    reach paho: paho would re-handle that packet on every later read (the shared driver
+    spinning on it, or re-subscribing on a re-handled CONNACK) and a raise out of its loop
+    would end the thread every other link runs on. The event is logged and dropped."""
     server_client, _ = server
     good: queue.Queue[LinkEvent] = queue.Queue()
     bad: queue.Queue[LinkEvent] = queue.Queue()
 
-    def failing(ev: LinkEvent) -> None:
+    def handler(ev: LinkEvent) -> None:
         bad.put(ev)
-        if ev.kind == "message":  # e.g. call_soon_threadsafe on an agent's closed loop
+        if ev.kind == failing:
             raise RuntimeError("Event loop is closed")
 
-    a = DeviceLink(_prov(DEVICES[0], broker.url), failing, driver=driver, rand=lambda: 0.0)
+    a = DeviceLink(_prov(DEVICES[0], broker.url), handler, driver=driver, rand=lambda: 0.0)
     b = DeviceLink(_prov(DEVICES[1], broker.url), good.put, driver=driver, rand=lambda: 0.0)
     a.start()
     b.start()
     _next(bad, "connected")
     _next(good, "connected")
-    for dev, payload in ((DEVICES[0], b"x"), (DEVICES[1], b"y")):
+    for dev, payload in ((DEVICES[0], b"x1"), (DEVICES[1], b"y1"), (DEVICES[0], b"x2"),
+                         (DEVICES[1], b"y2")):
         server_client.publish(device_topic(dev, "desired"), payload, qos=1).wait_for_publish(WAIT)
-    assert _next(bad, "message").payload == b"x"
-    assert _next(good, "message").payload == b"y"  # the other link still gets its own
-    server_client.publish(device_topic(DEVICES[1], "desired"), b"w", qos=1).wait_for_publish(WAIT)
-    assert _next(good, "message").payload == b"w"  # and goes on getting them
-    assert "error in its I/O or a callback" in caplog.text
-    a.stop()
+    assert _next(good, "message").payload == b"y1"  # the other link gets its own
+    assert _next(good, "message").payload == b"y2"
+    assert _next(bad, "message").payload == b"x1"
+    assert _next(bad, "message").payload == b"x2"  # handled once each: no spin on x1
+    a.stop()  # the driver thread survives, and stop() confirms
     b.stop()
+    assert driver._thread.is_alive()
+    seen = [ev.kind for ev in iter_queue(bad)]
+    assert seen.count("connected") == 0 and seen.count("message") == 0  # nothing re-handled
+    assert f"the {failing} event was dropped: its handler failed" in caplog.text
+
+
+def iter_queue(q: queue.Queue[LinkEvent]) -> list[LinkEvent]:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
 
 
 def test_driver_misuse_is_refused() -> None:

@@ -733,59 +733,37 @@ def _too_deep(body: dict[str, Any]) -> bool:
     return _json.nesting_depth(body, MAX_BODY_DEPTH) > MAX_BODY_DEPTH
 
 
+def _stdlib_loads(raw: bytes) -> Any:
+    return _json.parse_unchecked(raw.decode("utf-8"))
+
+
+def _stdlib_dumps(value: object) -> bytes:
+    # a lone surrogate (from a \ud800 escape) fails the encode: not canonical, next path
+    return _json.canonical_text(value).encode("utf-8")
+
+
+#: the standard library's read as a codec: it writes exactly ``canonical_json``, so it is never
+#: unsure
+_STDLIB = JSONCodec(name="json", loads=_stdlib_loads, dumps=_stdlib_dumps,
+                    errors=(UnicodeError, _json.JSONError), unsure=lambda raw: False)
+
+
 def _canonical_rows(stream: str, device_id: str, raw: bytes) -> RecordRows | None:
-    """The one-pass read of a canonical batch with plain records (module docstring); None when
-    it cannot prove the payload valid and canonical: the caller then takes the reference path.
+    """The one-pass read of a canonical batch with plain records (module docstring), with the
+    standard library; None when it cannot prove the payload valid and canonical: the caller
+    then takes the reference path.
 
     Accepts only what ``_RecordBatch.from_dict`` accepts, and more strictly: records holding
     exactly ``seq``, ``kind``, ``at`` and ``body``, and the payload byte-identical to the
     canonical JSON of what it parses to (so no duplicate keys, no lone surrogates).
     """
-    if not isinstance(raw, bytes) or len(raw) > MAX_MESSAGE_BYTES:
-        return None
-    canon = _json.canonical_text
-    try:
-        text = raw.decode("utf-8")
-        data = _json.parse_unchecked(text)
-        records = _batch_records(data, device_id)
-        if records is None:
-            return None
-        rows: list[tuple[int, str, int, str]] = []
-        pieces: list[str] = []
-        kinds: dict[str, str] = {}
-        previous = 0  # seq >= 1, strictly increasing
-        for record in records:
-            if type(record) is not dict or len(record) != 4:
-                return None
-            seq, kind = record.get("seq"), record.get("kind")
-            at, body = record.get("at"), record.get("body")
-            if (type(seq) is not int or type(at) is not int or type(kind) is not str
-                    or type(body) is not dict or seq <= previous or at < 0 or not kind):
-                return None
-            previous = seq
-            kind_text = kinds.get(kind)
-            if kind_text is None:
-                kind_text = kinds[kind] = canon(kind)
-            body_text = canon(body)
-            if body_text.count("{") + body_text.count("[") > MAX_BODY_DEPTH and _too_deep(body):
-                return None
-            pieces.append(f'{{"at":{at},"body":{body_text},"kind":{kind_text},"seq":{seq}}}')
-            rows.append((seq, kind, at, body_text))
-        records_text = "[" + ",".join(pieces) + "]"
-        parts = [canon(key) + ":" + (records_text if key == "records" else canon(value))
-                 for key, value in sorted(data.items())]
-    except (UnicodeDecodeError, _json.JSONError):
-        return None
-    if "{" + ",".join(parts) + "}" != text:
-        return None
-    return RecordRows(device_id=device_id, stream=stream, rows=tuple(rows),
-                      schema_version=data["schema_version"],
-                      unrecognized={k: v for k, v in data.items() if k not in _BATCH_FIELDS})
+    return _codec_rows(stream, device_id, raw, _STDLIB)
 
 
 def _codec_rows(stream: str, device_id: str, raw: bytes, codec: JSONCodec) -> RecordRows | None:
-    """:func:`_canonical_rows` with an injected codec, on bytes; None also when the codec is
-    ``unsure`` of the payload (the caller then takes the standard-library read).
+    """The one-pass read with ``codec`` (:func:`_canonical_rows` passes the standard
+    library's); None also when the codec is ``unsure`` of the payload (the caller then takes
+    the standard-library read).
 
     The proof: the payload is byte-identical to ``codec.dumps`` of what ``codec.loads`` made
     of it, and holds nothing on which ``dumps`` and ``canonical_json`` may differ, so it is
